@@ -1,0 +1,289 @@
+"""The `llmkit` command line: parse, load the recipe, call one library function, map errors to exit codes.
+
+    llmkit quickstart runs/quickstart
+    llmkit pretrain pretrain/tiny --set train.max_steps=50
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands so that
+`llmkit --help` and `llmkit --version` answer instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit import __version__
+from llmkit.errors import Interrupted, LlmkitError
+
+app = typer.Typer(
+    name="llmkit",
+    help="From raw text to a trained, fine-tuned and scored language model. Recipes are YAML files or bundled names.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List, show and copy the bundled recipes.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(data_app, name="data")
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file or bundled recipe name (see `llmkit recipes list`).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe key: --set train.lr=3e-4 (repeatable; value parsed as YAML)."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace a different, finished run in output_dir instead of refusing.")
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit with `code`."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(func):
+    """Map llmkit's known errors to one stderr line and their exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LlmkitError as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__, exc.exit_code)
+        except Interrupted as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """llmkit: tokenizer training, pretraining, fine-tuning, evaluation and generation."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+
+@tokenizer_app.command("train")
+@handles_errors
+def tokenizer_train(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Train a BPE, Unigram or WordPiece tokenizer on a corpus."""
+    from llmkit.recipes import load_recipe
+    from llmkit.tokenizer import train_tokenizer
+
+    train_tokenizer(load_recipe(recipe, set_, stage="tokenizer"), overwrite=overwrite)
+
+
+@app.command()
+@handles_errors
+def pretrain(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Pretrain a causal LM (resumes when output_dir holds a checkpoint). Multi-GPU: accelerate launch -m llmkit pretrain."""
+    from llmkit.recipes import load_recipe
+    from llmkit.train import pretrain as run
+
+    run(load_recipe(recipe, set_, stage="pretrain"), overwrite=overwrite)
+
+
+@app.command()
+@handles_errors
+def finetune(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Fine-tune a checkpoint on summarization, instruction, classification or text, full or LoRA."""
+    from llmkit.finetuning import finetune as run
+    from llmkit.recipes import load_recipe
+
+    run(load_recipe(recipe, set_, stage="finetune"), overwrite=overwrite)
+
+
+@app.command("eval")
+@handles_errors
+def eval_(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Score one or several checkpoints: perplexity, ROUGE, accuracy, exact match, BLEU."""
+    from llmkit.evaluation import evaluate_recipe
+    from llmkit.recipes import load_recipe
+
+    evaluate_recipe(load_recipe(recipe, set_, stage="eval"), overwrite=overwrite)
+
+
+@app.command()
+@handles_errors
+def generate(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id when online).")],
+    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text; '-' or omitted reads prompts from stdin.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read prompts from this file, one per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = 50,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalty on repeated tokens.")] = 1.0,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples per prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1234,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap prompts in the tokenizer's chat template.")] = False,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
+) -> None:
+    """Sample text from any checkpoint."""
+    from llmkit.generation import generate_command
+
+    generate_command(
+        model=model,
+        prompt=prompt,
+        file=file,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        num_samples=num_samples,
+        seed=seed,
+        chat=chat,
+        stop=stop or [],
+        stream=stream,
+    )
+
+
+@app.command()
+@handles_errors
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe and print it resolved, with the plan (parameters, tokens per step, steps, FLOPs)."""
+    from llmkit.recipes import load_recipe, recipe_to_yaml
+
+    loaded = load_recipe(recipe, set_)
+    typer.echo(recipe_to_yaml(loaded).rstrip())
+    from llmkit.plan import describe_plan
+
+    typer.echo("\n# plan")
+    typer.echo(describe_plan(loaded))
+
+
+@app.command()
+@handles_errors
+def quickstart(
+    output_dir: Annotated[Path, typer.Argument(help="Where the whole pipeline writes its runs.")] = Path("runs/quickstart"),
+    fast: Annotated[bool, typer.Option("--fast", help="A much shorter run, for smoke tests.")] = False,
+) -> None:
+    """Run the whole pipeline on built-in data: tokenizer -> pretrain -> finetune -> eval -> generate."""
+    from llmkit.quickstart import run_quickstart
+
+    run_quickstart(output_dir, fast=fast)
+
+
+@app.command()
+@handles_errors
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding metrics.jsonl.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path("curves.png"),
+) -> None:
+    """Plot loss and learning-rate curves of one or several runs to a PNG."""
+    from llmkit.plotting import plot_runs
+
+    typer.echo(plot_runs(run_dirs, output))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+@data_app.command("prepare")
+@handles_errors
+def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Tokenize and pack a recipe's data into the cache ahead of training."""
+    from llmkit.data import prepare_command
+    from llmkit.recipes import load_recipe
+
+    prepare_command(load_recipe(recipe, set_))
+
+
+@data_app.command("inspect")
+@handles_errors
+def data_inspect(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    num_examples: Annotated[int, typer.Option("--num", "-n", help="Examples to show.")] = 3,
+) -> None:
+    """Show formatted training examples with trained and masked tokens told apart."""
+    from llmkit.finetuning import inspect_command
+    from llmkit.recipes import load_recipe
+
+    inspect_command(load_recipe(recipe, set_), num_examples=num_examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundled recipes
+# ----------------------------------------------------------------------------------------------
+
+
+@recipes_app.command("list")
+@handles_errors
+def recipes_list() -> None:
+    """List the bundled recipes with their one-line purpose."""
+    from llmkit.recipes import bundled_dir, bundled_names
+
+    root = bundled_dir()
+    for name in bundled_names():
+        first = (root / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[:1]
+        purpose = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        typer.echo(f"{name:<32} {purpose}")
+
+
+@recipes_app.command("show")
+@handles_errors
+def recipes_show(name: Annotated[str, typer.Argument(help="Bundled recipe name, e.g. pretrain/tiny.")]) -> None:
+    """Print a bundled recipe."""
+    from llmkit.recipes import resolve_recipe_path
+
+    typer.echo(resolve_recipe_path(name).read_text(encoding="utf-8").rstrip())
+
+
+@recipes_app.command("copy")
+@handles_errors
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="Bundled recipe name, e.g. pretrain/tiny.")],
+    dest: Annotated[Path, typer.Argument(help="File or directory to copy it to.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Copy a bundled recipe to edit it."""
+    from llmkit.recipes import resolve_recipe_path
+
+    source = resolve_recipe_path(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise LlmkitError(f"{target}: already exists; pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    typer.echo(f"copied {name} -> {target}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="llmkit")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
