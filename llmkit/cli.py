@@ -94,9 +94,11 @@ def _root(
 def tokenizer_train(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Train a BPE, Unigram or WordPiece tokenizer on a corpus."""
     from llmkit.recipes import load_recipe
+
+    loaded = load_recipe(recipe, set_, stage="tokenizer")
     from llmkit.tokenizer import train_tokenizer
 
-    train_tokenizer(load_recipe(recipe, set_, stage="tokenizer"), overwrite=overwrite)
+    train_tokenizer(loaded, overwrite=overwrite)
 
 
 @app.command()
@@ -104,29 +106,35 @@ def tokenizer_train(recipe: RecipeArg, set_: SetOpt = None, overwrite: Overwrite
 def pretrain(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Pretrain a causal LM (resumes when output_dir holds a checkpoint). Multi-GPU: accelerate launch -m llmkit pretrain."""
     from llmkit.recipes import load_recipe
+
+    loaded = load_recipe(recipe, set_, stage="pretrain")
     from llmkit.train import pretrain as run
 
-    run(load_recipe(recipe, set_, stage="pretrain"), overwrite=overwrite)
+    run(loaded, overwrite=overwrite)
 
 
 @app.command()
 @handles_errors
 def finetune(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Fine-tune a checkpoint on summarization, instruction, classification or text, full or LoRA."""
-    from llmkit.finetuning import finetune as run
     from llmkit.recipes import load_recipe
 
-    run(load_recipe(recipe, set_, stage="finetune"), overwrite=overwrite)
+    loaded = load_recipe(recipe, set_, stage="finetune")
+    from llmkit.finetuning import finetune as run
+
+    run(loaded, overwrite=overwrite)
 
 
 @app.command("eval")
 @handles_errors
 def eval_(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Score one or several checkpoints: perplexity, ROUGE, accuracy, exact match, BLEU."""
-    from llmkit.evaluation import evaluate_recipe
     from llmkit.recipes import load_recipe
 
-    evaluate_recipe(load_recipe(recipe, set_, stage="eval"), overwrite=overwrite)
+    loaded = load_recipe(recipe, set_, stage="eval")
+    from llmkit.evaluation import evaluate_recipe
+
+    evaluate_recipe(loaded, overwrite=overwrite)
 
 
 @app.command()
@@ -213,10 +221,12 @@ def plot(
 @handles_errors
 def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Tokenize and pack a recipe's data into the cache ahead of training."""
-    from llmkit.data import prepare_command
     from llmkit.recipes import load_recipe
 
-    prepare_command(load_recipe(recipe, set_))
+    loaded = load_recipe(recipe, set_)
+    from llmkit.data import prepare_command
+
+    prepare_command(loaded)
 
 
 @data_app.command("inspect")
@@ -227,10 +237,12 @@ def data_inspect(
     num_examples: Annotated[int, typer.Option("--num", "-n", help="Examples to show.")] = 3,
 ) -> None:
     """Show formatted training examples with trained and masked tokens told apart."""
-    from llmkit.finetuning import inspect_command
     from llmkit.recipes import load_recipe
 
-    inspect_command(load_recipe(recipe, set_), num_examples=num_examples)
+    loaded = load_recipe(recipe, set_, stage="finetune")
+    from llmkit.finetuning import inspect_command
+
+    inspect_command(loaded, num_examples=num_examples)
 
 
 # ----------------------------------------------------------------------------------------------
