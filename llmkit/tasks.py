@@ -1,0 +1,276 @@
+"""Task formatters: how a data record becomes the (prompt, target) text a model is fine-tuned on.
+
+    llmkit data inspect finetune/tiny-summarization
+
+Four tasks, each a small formatter. Training and evaluation both call `format_example`, so an eval
+prompt is byte-for-byte the prompt the model was trained on.
+
+- summarization: `prompt_template` with {field} placeholders (default: the record's {document});
+  target = the `summary` field. When the prompt is too long, the longest field in it is shortened
+  (never the target).
+- instruction: `prompt`/`response` records, or chat records (`messages`: a list of {role, content},
+  the last one from the assistant), rendered with the tokenizer's chat template (llmkit installs
+  DEFAULT_CHAT_TEMPLATE when the tokenizer has none). The target is the final assistant reply;
+  earlier turns are context.
+- classification: text -> label word; the label set is read from the training data unless
+  `task.labels` lists it, and `{labels}` in the template names the choices.
+- text: continued language modelling on raw text; the prompt is empty and every token is trained.
+
+The EOS token is appended to every target at tokenization (see llmkit.finetuning), not here: the
+target text is exactly the reference an evaluation compares generations against.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from llmkit.errors import DataError, ModelError, RecipeError, did_you_mean
+from llmkit.recipes import TaskSpec
+
+SUMMARIZATION_TEMPLATE = "Summarize the following text.\n\n{document}\n\nSummary:\n"
+CLASSIFICATION_TEMPLATE = "Classify the text as one of: {labels}.\n\n{text}\n\nLabel:\n"
+INSTRUCTION_TEMPLATE = "{prompt}"
+
+# (prompt_template, target_field) per task when the recipe leaves them null.
+_DEFAULTS: dict[str, tuple[str | None, str | None]] = {
+    "summarization": (SUMMARIZATION_TEMPLATE, "summary"),
+    "instruction": (INSTRUCTION_TEMPLATE, "response"),
+    "classification": (CLASSIFICATION_TEMPLATE, "label"),
+    "text": (None, None),
+}
+
+# Placeholders filled by llmkit rather than from the record.
+_RESERVED = {"labels"}
+
+# A plain, readable chat format for tokenizers trained without one. Every assistant turn ends
+# with the EOS token so a model trained on it learns to stop after its reply.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Formatted:
+    """One formatted record: prompt and target text, and how many prompt tokens truncation removed."""
+
+    prompt: str
+    target: str
+    truncated_tokens: int = 0
+    chat: bool = False
+
+
+def task_defaults(task: TaskSpec) -> TaskSpec:
+    """A copy of `task` with the task's default prompt_template and target_field filled in."""
+    template, target = _DEFAULTS[task.type]
+    if task.type == "text":
+        return task.model_copy(update={"prompt_template": None, "target_field": task.target_field or task.text_field})
+    return task.model_copy(
+        update={
+            "prompt_template": task.prompt_template if task.prompt_template is not None else template,
+            "target_field": task.target_field or target,
+        }
+    )
+
+
+def template_fields(template: str, key: str = "task.prompt_template") -> list[str]:
+    """The record fields a prompt template names ({labels} excluded); RecipeError for a malformed template."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise RecipeError(f"{key}: {exc}; write literal braces as '{{{{' and '}}}}'") from None
+    fields: list[str] = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise RecipeError(f"{key}: placeholders must name a record field, e.g. {{document}}; found '{{{name}}}'")
+        if any(ch in name for ch in ".[") or spec or conversion:
+            raise RecipeError(f"{key}: placeholder '{{{name}}}' must be a plain field name, e.g. {{document}}")
+        if name not in _RESERVED and name not in fields:
+            fields.append(name)
+    return fields
+
+
+def required_fields(task: TaskSpec, record: dict | None = None) -> list[str]:
+    """Fields a record must carry for `task` (after task_defaults); a chat record needs only its messages."""
+    task = task_defaults(task)
+    if task.type == "text":
+        return [task.target_field]
+    if task.type == "instruction" and record is not None and task.messages_field in record:
+        return [task.messages_field]
+    return [*template_fields(task.prompt_template or ""), task.target_field]
+
+
+def check_record(task: TaskSpec, record: Any, where: str) -> None:
+    """DataError naming `where` (file:line) when a record lacks a field the task needs or has an empty target."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object (a record with fields), got {type(record).__name__}")
+    task = task_defaults(task)
+    for field in required_fields(task, record):
+        if field not in record:
+            role = "target_field" if field == task.target_field else "a prompt_template placeholder"
+            fix = did_you_mean(field, record.keys()) or f"; the record has: {', '.join(map(str, record)) or 'no fields'}"
+            raise DataError(f"{where}: record lacks field '{field}' ({role} of the {task.type} task){fix}")
+    if task.type == "instruction" and task.messages_field in record:
+        _check_messages(record[task.messages_field], where, task.messages_field)
+        return
+    target = record[task.target_field]
+    if target is None or not str(target).strip():
+        raise DataError(f"{where}: empty target in field '{task.target_field}'; remove the record or fill the field")
+
+
+def _check_messages(messages: Any, where: str, field: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: '{field}' must be a non-empty list of {{role, content}} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: {field}[{i}] must be a mapping with 'role' and 'content'")
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise DataError(f"{where}: the last message of '{field}' must be the assistant's reply (the target), got role '{last['role']}'")
+    if not str(last["content"] or "").strip():
+        raise DataError(f"{where}: empty target: the final assistant message of '{field}' has no content")
+
+
+def label_set(task: TaskSpec, records: Iterable[dict]) -> list[str]:
+    """The classification labels: task.labels when given, else the sorted distinct target values."""
+    if task.labels:
+        return list(task.labels)
+    field = task_defaults(task).target_field
+    labels = sorted({str(r[field]).strip() for r in records if field in r and str(r[field]).strip()})
+    if len(labels) < 2:
+        raise DataError(f"classification needs at least 2 distinct labels in field '{field}', found {labels or 'none'}")
+    return labels
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Install DEFAULT_CHAT_TEMPLATE on a tokenizer that has none; True when it did."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True
+
+
+def format_example(task: TaskSpec, record: dict, tokenizer, max_prompt_tokens: int | None = None) -> tuple[str, str]:
+    """(prompt, target) text for one record exactly as training sees it (target without EOS).
+
+    `max_prompt_tokens` shortens the longest prompt field so the tokenized prompt fits, like
+    training does with data.seq_len minus the target length.
+    """
+    formatted = format_record(task, record, tokenizer, max_prompt_tokens=max_prompt_tokens)
+    return formatted.prompt, formatted.target
+
+
+def format_record(
+    task: TaskSpec, record: dict, tokenizer, max_prompt_tokens: int | None = None, where: str = "record"
+) -> Formatted:
+    """Format one record, truncating the prompt's longest field to `max_prompt_tokens` when given."""
+    task = task_defaults(task)
+    check_record(task, record, where)
+    if task.type == "text":
+        return Formatted(prompt="", target=str(record[task.target_field]))
+    if task.type == "instruction" and task.messages_field in record:
+        return _format_chat(record[task.messages_field], tokenizer, max_prompt_tokens)
+    values = {name: str(record[name]) for name in template_fields(task.prompt_template)}
+    if "labels" in {f for _, f, _, _ in string.Formatter().parse(task.prompt_template) if f}:
+        if not task.labels:
+            raise RecipeError("task.labels: the prompt template uses {labels} but no label set is known; list the labels")
+        values["labels"] = ", ".join(task.labels)
+    target = str(record[task.target_field]).strip() if task.type == "classification" else str(record[task.target_field])
+    if task.type == "instruction":
+        ensure_chat_template(tokenizer)
+
+        def render(vals: dict[str, str]) -> str:
+            user = task.prompt_template.format(**vals)
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+            )
+
+        prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens, chat=True, skip={"labels"})
+        return Formatted(prompt, target, cut, chat=True)
+    prompt, cut = _fit(lambda vals: task.prompt_template.format(**vals), values, tokenizer, max_prompt_tokens, chat=False, skip={"labels"})
+    return Formatted(prompt, target, cut)
+
+
+def _format_chat(messages: list[dict], tokenizer, max_prompt_tokens: int | None) -> Formatted:
+    """Render the conversation up to the final assistant reply with a generation prompt."""
+    ensure_chat_template(tokenizer)
+    context = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-1]]
+    target = str(messages[-1]["content"])
+    if not context:
+        raise DataError("a chat record needs at least one message before the assistant's reply")
+    values = {str(i): m["content"] for i, m in enumerate(context)}
+
+    def render(vals: dict[str, str]) -> str:
+        convo = [{"role": m["role"], "content": vals[str(i)]} for i, m in enumerate(context)]
+        return tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+
+    prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens, chat=True)
+    return Formatted(prompt, target, cut, chat=True)
+
+
+def prompt_token_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt: chat templates write their own BOS, plain prompts get the tokenizer's specials."""
+    if not prompt:
+        # An empty prompt (text task) still starts with BOS when the tokenizer adds one.
+        return list(tokenizer("", add_special_tokens=True)["input_ids"])
+    return list(tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+
+
+def _fit(
+    render: Callable[[dict[str, str]], str],
+    values: dict[str, str],
+    tokenizer,
+    max_prompt_tokens: int | None,
+    chat: bool,
+    skip: set[str] = frozenset(),
+) -> tuple[str, int]:
+    """Render the prompt; when it is longer than max_prompt_tokens, cut the longest field from its end.
+
+    Returns the prompt and the number of tokens removed from the field. Cutting a field rather
+    than the prompt's tail keeps the instruction and the 'Summary:' cue that follow the document.
+    """
+    prompt = render(values)
+    if max_prompt_tokens is None:
+        return prompt, 0
+    length = len(prompt_token_ids(tokenizer, prompt, chat))
+    if length <= max_prompt_tokens:
+        return prompt, 0
+    candidates = [k for k in values if k not in skip]
+    if not candidates:
+        raise DataError(f"the prompt ({length} tokens) does not fit in {max_prompt_tokens} tokens and has no field to shorten")
+    field = max(candidates, key=lambda k: len(values[k]))
+    field_ids = tokenizer(values[field], add_special_tokens=False)["input_ids"]
+    keep = max(0, len(field_ids) - (length - max_prompt_tokens))
+    # Tokens merge differently across the cut and the template around it, so re-check and
+    # shorten further by the remaining overflow (converges in one or two rounds).
+    for _ in range(8):
+        shortened = dict(values, **{field: tokenizer.decode(field_ids[:keep], skip_special_tokens=True)})
+        prompt = render(shortened)
+        length = len(prompt_token_ids(tokenizer, prompt, chat))
+        if length <= max_prompt_tokens or keep == 0:
+            break
+        keep = max(0, keep - (length - max_prompt_tokens))
+    if length > max_prompt_tokens:
+        raise DataError(
+            f"the prompt without field '{field}' is still {length} tokens, more than the {max_prompt_tokens} that fit; "
+            "raise data.seq_len or shorten the template"
+        )
+    return prompt, len(field_ids) - keep
+
+
+def require_eos(tokenizer, where: str = "tokenizer") -> int:
+    """The EOS token id appended after every target; ModelError when the tokenizer has none."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ModelError(f"{where}: the tokenizer has no eos_token; fine-tuning appends EOS after every target so generation stops")
+    return int(eos)
