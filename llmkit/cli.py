@@ -291,6 +291,15 @@ def recipes_copy(
     typer.echo(f"copied {name} -> {target}")
 
 
+@recipes_app.command("reference")
+@handles_errors
+def recipes_reference() -> None:
+    """Print the reference of every recipe key (type, default, meaning) as Markdown."""
+    from llmkit.recipes import schema_reference
+
+    typer.echo(schema_reference().rstrip())
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="llmkit")

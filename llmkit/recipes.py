@@ -650,7 +650,10 @@ def schema_reference() -> str:
                 emit(sub, f"{key}.", seen | {sub})
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            out.append(f"| `{key}` | {default} | {field.description or ''} |")
+            cells = [f"`{key}`", default.replace("|", "\\|"), (field.description or "").replace("|", "\\|")]
+            out.append(f"| {' | '.join(cells)} |")
+        if cls is ModelSpec:
+            out.append(f"| `{prefix}<config key>` | | Any other key goes to the transformers config: hidden_size, num_hidden_layers, ... |")
 
     for stage, cls in RECIPE_CLASSES.items():
         out.append(f"\n### `{stage}` recipes\n\n| key | default | meaning |\n|---|---|---|")
