@@ -1,0 +1,63 @@
+"""End to end: a shortened quickstart produces every artifact, and a second run reuses them.
+
+    pytest tests/test_quickstart.py -q
+"""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quickstart") / "qs"
+    result = CliRunner().invoke(app, ["quickstart", str(root), "--fast"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return root, result.stdout
+
+
+def test_every_artifact_loads(quickstart_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, stdout = quickstart_dir
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    assert tokenizer.is_fast and tokenizer.eos_token is not None
+    for name in ("pretrain", "finetune"):
+        run = root / name
+        for file in ("config.json", "model.safetensors", "generation_config.json", "README.md", "recipe.yaml", "metrics.jsonl"):
+            assert (run / file).is_file(), (name, file)
+        model = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(run)
+        ids = tok("The os module", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] > ids["input_ids"].shape[1]
+    assert (root / "curves.png").stat().st_size > 10_000
+    assert (root / "samples.md").read_text().count("**generated:**") == 3
+    assert "quickstart finished" in stdout
+
+
+def test_metrics_cover_both_models(quickstart_dir):
+    root, _ = quickstart_dir
+    comparison = json.loads((root / "eval" / "comparison.json").read_text())
+    assert len(comparison["models"]) == 2
+    for row in comparison["models"]:
+        metrics = row["metrics"]
+        for key in ("perplexity", "bits_per_byte", "rouge1", "rouge2", "rougeL", "rougeLsum"):
+            assert key in metrics and math.isfinite(metrics[key]), key
+        assert metrics["perplexity"] > 1
+        assert 0 <= metrics["rouge1"] <= 1
+    assert (root / "eval" / "predictions.jsonl").is_file()
+
+
+def test_second_run_reuses_finished_stages(quickstart_dir):
+    root, _ = quickstart_dir
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("model.safetensors")}
+    result = CliRunner().invoke(app, ["quickstart", str(root), "--fast"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("already done") == 4
+    assert before == {p: p.stat().st_mtime_ns for p in root.rglob("model.safetensors")}
