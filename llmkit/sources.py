@@ -1,0 +1,636 @@
+"""Corpus sources: local files, globs and directories, hub datasets, and the built-in demo corpora.
+
+    python -c "from llmkit.sources import iter_texts; print(next(iter_texts('builtin:pydoc/train'))[:300])"
+
+A recipe's `data.train` / `data.validation` / `data.test` is a list of sources:
+
+- a local file, glob (`data/**/*.jsonl`) or directory (every supported file below it, sorted);
+  `.txt` files are one document each (files over ~1 MB are cut into ~1 MB newline-aligned
+  documents), `.jsonl` / `.json` / `.csv` / `.tsv` / `.parquet` rows are records; `.gz`, `.bz2` and
+  `.xz` compressed text formats are read transparently;
+- `builtin:pydoc[/SPLIT]` and `builtin:docsum[/SPLIT]`, demo corpora built from text that ships with
+  Python (see `pydoc_records` and `docsum_records`); SPLIT is train, validation or test;
+- `hub:ID` or a HubSource mapping `{hub: ID, name: CONFIG, split: train, max_samples: N}`,
+  streamed with `datasets.load_dataset(..., streaming=True)`.
+
+Everything streams: text files are read in ~1 MB pieces, JSON lines one line at a time, parquet
+in record batches, hub datasets as an iterable. The exception is a `.json` file holding one JSON
+array, which has to be parsed whole (use `.jsonl` for corpora that do not fit in memory).
+Every problem with a source raises `DataError` with one line naming the file, line or field.
+"""
+
+from __future__ import annotations
+
+import ast
+import bz2
+import csv
+import functools
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import platform
+import re
+import sys
+import sysconfig
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Union
+
+from llmkit.errors import DataError, did_you_mean
+from llmkit.recipes import HubSource
+
+SourceLike = Union[str, Path, HubSource, dict]
+Sources = Union[SourceLike, Iterable[SourceLike]]
+
+TEXT_CHUNK_CHARS = 1 << 20
+"""Text files are cut into documents of about this many characters, at a line boundary."""
+
+FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
+COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+SUPPORTED_HINT = ".txt, .jsonl, .json, .csv, .tsv, .parquet (text formats may be .gz/.bz2/.xz compressed)"
+
+SPLITS = ("train", "validation", "test")
+BUILTIN_NAMES = ("pydoc", "docsum")
+BUILTIN_LAYOUT = 1
+"""Bump when the built-in corpora's construction changes, so fingerprints (and data caches) change too."""
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def iter_records(sources: Sources, max_samples: int | None = None) -> Iterator[dict]:
+    """Stream the records of all sources in order, at most `max_samples` of them."""
+    count = 0
+    for _, record in _iter_located(_normalise(sources)):
+        count += 1
+        yield record
+        if max_samples is not None and count >= max_samples:
+            return  # before reading further: a capped read never touches the rest of the corpus
+    if count == 0:
+        raise DataError(f"{_short(sources)}: the sources hold no records; check the files are not empty")
+
+
+def iter_texts(sources: Sources, text_field: str = "text", max_samples: int | None = None) -> Iterator[str]:
+    """Stream the non-empty `text_field` strings of all sources, at most `max_samples` of them."""
+    count = 0
+    for where, record in _iter_located(_normalise(sources), columns=[text_field]):
+        text = _field(record, text_field, where)
+        if text is None or not text.strip():
+            continue  # empty rows carry nothing to learn from; a corpus of only empty rows fails below
+        count += 1
+        yield text
+        if max_samples is not None and count >= max_samples:
+            return
+    if count == 0:
+        raise DataError(f"{_short(sources)}: no text found in field {text_field!r}; the corpus is empty")
+
+
+def load_records(sources: Sources, max_samples: int | None = None) -> list[dict]:
+    """All records of the sources as a list (for small task data such as summarization sets)."""
+    return list(iter_records(sources, max_samples=max_samples))
+
+
+def check_sources(sources: Sources) -> None:
+    """Fail early with DataError if a local source is missing/empty or a built-in name or split is unknown."""
+    for source in _normalise(sources):
+        if isinstance(source, str) and source.startswith("builtin:"):
+            _parse_builtin(source)
+        elif isinstance(source, str) and not source.startswith("hub:"):
+            _expand(source)
+
+
+def fingerprint(sources: Sources, **settings: Any) -> str:
+    """A stable hash of the sources' identity and contents (path, size, mtime) plus `settings`, for caches."""
+    parts: list[Any] = []
+    for source in _normalise(sources):
+        if isinstance(source, HubSource):
+            parts.append(["hub", source.model_dump(mode="json")])
+        elif source.startswith("hub:"):
+            parts.append(["hub", source])
+        elif source.startswith("builtin:"):
+            name, split = _parse_builtin(source)
+            parts.append(["builtin", name, split, BUILTIN_LAYOUT, platform.python_version()])
+        else:
+            for path in _expand(source):
+                stat = path.stat()
+                parts.append(["file", str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    payload = json.dumps({"sources": parts, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def describe(sources: Sources) -> str:
+    """One line describing the sources: files and sizes, built-in corpora, hub datasets."""
+    out = []
+    for source in _normalise(sources):
+        if isinstance(source, HubSource) or source.startswith("hub:"):
+            hub = _as_hub(source)
+            extra = [f"config {hub.name}"] if hub.name else []
+            extra += [f"split {hub.split}"] + ([f"up to {hub.max_samples:,} records"] if hub.max_samples else [])
+            out.append(f"hub:{hub.hub} ({', '.join(extra)})")
+        elif source.startswith("builtin:"):
+            name, split = _parse_builtin(source)
+            what = "Python reference docs and stdlib docstrings" if name == "pydoc" else "stdlib docstring summaries"
+            out.append(f"{source} ({what}, Python {platform.python_version()}, {split or 'all splits'})")
+        else:
+            files = _expand(source)
+            size = sum(p.stat().st_size for p in files)
+            out.append(f"{source} ({len(files)} file{'s' if len(files) != 1 else ''}, {_human_bytes(size)})")
+    return "; ".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Source dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _normalise(sources: Sources) -> list[str | HubSource]:
+    """Turn one source or a list of them into a list of str / HubSource."""
+    if sources is None:
+        raise DataError("no data sources given; list files, globs, directories, builtin:NAME or hub:ID")
+    if isinstance(sources, (str, Path, dict, HubSource)):
+        sources = [sources]
+    out: list[str | HubSource] = []
+    for source in sources:
+        if isinstance(source, Path):
+            out.append(str(source))
+        elif isinstance(source, dict):
+            try:
+                out.append(HubSource.model_validate(source))
+            except Exception as exc:  # pydantic ValidationError: report the first problem on one line
+                first = str(exc).splitlines()
+                raise DataError(f"data source {source!r}: not a valid hub source ({first[1] if len(first) > 1 else exc})") from None
+        elif isinstance(source, (str, HubSource)):
+            out.append(source)
+        else:
+            raise DataError(f"data source {source!r}: expected a path, glob, builtin:NAME, hub:ID or a hub mapping")
+    if not out:
+        raise DataError("no data sources given; list files, globs, directories, builtin:NAME or hub:ID")
+    return out
+
+
+def _iter_located(sources: list[str | HubSource], columns: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for every record; `where` names the file and line for error messages."""
+    for source in sources:
+        if isinstance(source, HubSource) or source.startswith("hub:"):
+            yield from _read_hub(_as_hub(source))
+        elif source.startswith("builtin:"):
+            yield from _read_builtin(source)
+        else:
+            for path in _expand(source):
+                yield from _read_file(path, columns)
+
+
+def _short(sources: Sources) -> str:
+    """The sources as written, for error messages (never touches the disk)."""
+    try:
+        items = _normalise(sources)
+    except DataError:
+        return str(sources)
+    return ", ".join(s if isinstance(s, str) else f"hub:{s.hub}" for s in items)
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def _field(record: dict, field: str, where: str) -> str | None:
+    """The text in `record[field]`, or DataError naming the record and the fields it does have."""
+    if field not in record:
+        keys = [str(k) for k in record]
+        raise DataError(
+            f"{where}: record has no field {field!r}{did_you_mean(field, keys)}; its fields are "
+            f"{', '.join(repr(k) for k in keys) or 'none'}; set data.text_field to the one holding the text"
+        )
+    value = record[field]
+    if value is None or isinstance(value, str):
+        return value
+    raise DataError(f"{where}: field {field!r} holds {type(value).__name__}, not text; point data.text_field at a text field")
+
+
+# --------------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------------
+
+
+def _format_of(path: Path) -> str | None:
+    """The reader for a file name ('text', 'jsonl', ...), looking through a compression suffix."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        suffixes = suffixes[:-1]
+        kind = FORMATS.get(suffixes[-1]) if suffixes else None
+        return None if kind == "parquet" else kind  # parquet compresses internally
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _expand(source: str) -> list[Path]:
+    """The files a local source names: itself, a glob's matches, or a directory's supported files."""
+    path = Path(source).expanduser()
+    if glob.has_magic(source):
+        matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        if not matches:
+            raise DataError(f"{source}: the glob matches no files; check the pattern and the working directory ({Path.cwd()})")
+        files: list[Path] = []
+        for match in matches:
+            files.extend(_dir_files(match) if match.is_dir() else [match] if _format_of(match) else [])
+        if not files:
+            raise DataError(f"{source}: the glob matches {len(matches)} path(s) but no supported file; supported: {SUPPORTED_HINT}")
+        return files
+    if path.is_dir():
+        files = _dir_files(path)
+        if not files:
+            raise DataError(f"{source}: the directory holds no supported files; supported: {SUPPORTED_HINT}")
+        return files
+    if path.is_file():
+        if _format_of(path) is None:
+            suffix = "".join(path.suffixes) or "(none)"
+            raise DataError(f"{source}: unsupported file type {suffix}; supported: {SUPPORTED_HINT}")
+        return [path]
+    hint = ""
+    if path.parent.is_dir():
+        hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
+    raise DataError(f"{source}: no such file or directory{hint}")
+
+
+def _dir_files(directory: Path) -> list[Path]:
+    """Supported, non-hidden files below a directory, in a stable (sorted) order."""
+    files = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).parts
+        if any(part.startswith(".") for part in rel) or not path.is_file():
+            continue
+        if _format_of(path):
+            files.append(path)
+    return files
+
+
+def _open_text(path: Path):
+    """Open a possibly compressed text file; utf-8-sig drops a byte-order mark, newline='' keeps \\r\\n as is."""
+    opener = COMPRESSION.get(path.suffix.lower(), open)
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def _read_file(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
+    """Records of one local file, with decoding errors turned into one-line DataErrors."""
+    kind = _format_of(path)
+    readers = {"text": _read_text, "jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "tsv": _read_csv}
+    try:
+        if kind == "parquet":
+            yield from _read_parquet(path, columns)
+        else:
+            yield from readers[kind](path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert the file to UTF-8") from None
+    except (EOFError, gzip.BadGzipFile, lzma.LZMAError, OSError) as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.__class__.__name__}: {exc})") from None
+
+
+def _read_text(path: Path) -> Iterator[tuple[str, dict]]:
+    """A text file as one document, or ~1 MB newline-aligned documents when it is large."""
+    with _open_text(path) as handle:
+        part = 0
+        while True:
+            chunk = handle.read(TEXT_CHUNK_CHARS)
+            if not chunk:
+                return
+            if len(chunk) == TEXT_CHUNK_CHARS:
+                # finish the current line so no line is split; the limit still cuts a file without newlines
+                chunk += handle.readline(TEXT_CHUNK_CHARS)
+            part += 1
+            if chunk.strip():
+                yield (f"{path}" if part == 1 else f"{path} (part {part})"), {"text": chunk}
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """One JSON object per line; blank lines are skipped."""
+    with _open_text(path) as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                yield f"{path}:{lineno}", _json_object(line, path, lineno)
+
+
+def _json_object(line: str, path: Path, lineno: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object (a record with fields), got a JSON {type(record).__name__}")
+    return record
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
+    """A JSON array of records, JSON lines under a .json name, or one object (or {key: [records]})."""
+    with _open_text(path) as handle:
+        first = handle.readline()
+        while first and not first.strip():
+            first = handle.readline()
+    stripped = first.strip()
+    if not stripped:
+        return
+    if stripped.startswith("{"):
+        try:
+            json.loads(stripped)
+            yield from _read_jsonl(path)  # the first line is a whole object: JSON lines
+            return
+        except json.JSONDecodeError:
+            pass  # a pretty-printed object spanning lines: parse the whole file below
+    with _open_text(path) as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        if len(lists) == 1:  # the common {"data": [...]} layout
+            data = data[lists[0]]
+        else:
+            yield str(path), data
+            return
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records or JSON lines, got a JSON {type(data).__name__}")
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: item {index} is a JSON {type(record).__name__}, expected an object (a record with fields)")
+        yield f"{path} item {index}", record
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:
+    """CSV/TSV rows as records keyed by the header row."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are often longer than csv's 128 KB default
+    delimiter = "\t" if _format_of(path) == "tsv" else ","
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        try:
+            for row in reader:
+                if None in row:
+                    raise DataError(f"{path}:{reader.line_num}: the row has more fields than the header ({len(reader.fieldnames or [])})")
+                yield f"{path}:{reader.line_num}", row
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+
+
+def _read_parquet(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
+    """Parquet rows in record batches, reading only the wanted columns when they all exist."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses for bad files
+        raise DataError(f"{path}: not a readable parquet file ({exc.__class__.__name__}: {exc})") from None
+    names = parquet.schema_arrow.names
+    # read every column when one is missing, so the caller's missing-field error can list them all
+    wanted = columns if columns and all(c in names for c in columns) else None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=wanted):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path} row {row}", record
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face Hub
+# --------------------------------------------------------------------------------------------
+
+
+def _as_hub(source: str | HubSource) -> HubSource:
+    if isinstance(source, HubSource):
+        return source
+    ident = source.removeprefix("hub:").strip()
+    if not ident:
+        raise DataError(f"{source!r}: name the dataset, e.g. hub:wikitext or {{hub: wikitext, name: wikitext-2-raw-v1}}")
+    return HubSource(hub=ident)
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _hub_error(hub: HubSource, exc: BaseException | None) -> DataError:
+    """A one-line DataError for a hub dataset that cannot be read, saying how to work offline."""
+    local = "download it where you have network and list the local .jsonl/.parquet/.txt files in the recipe, or use builtin:pydoc"
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    network = exc is None or any(
+        any(w in type(e).__name__ for w in ("Connect", "Timeout", "Offline", "HTTP"))
+        or any(w in str(e).lower() for w in ("offline", "connection", "resolve", "network", "unreachable"))
+        for e in chain
+    )
+    if network:
+        return DataError(f"hub:{hub.hub}: the Hugging Face Hub is unreachable (offline?); {local}")
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return DataError(f"hub:{hub.hub}: cannot load the dataset ({detail}); check the id, name and split, or {local}")
+
+
+def _read_hub(hub: HubSource) -> Iterator[tuple[str, dict]]:
+    """Records of a hub dataset, streamed when `hub.streaming`, capped at `hub.max_samples`."""
+    if _offline_env():
+        raise _hub_error(hub, None)
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(hub.hub, hub.name, split=hub.split, streaming=hub.streaming, revision=hub.revision)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets and huggingface_hub raise many unrelated types; all mean "cannot load"
+        raise _hub_error(hub, exc) from None
+    index = 0
+    iterator = iter(dataset)
+    while hub.max_samples is None or index < hub.max_samples:
+        try:
+            record = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # streaming fetches lazily: network errors surface here
+            raise _hub_error(hub, exc) from None
+        yield f"hub:{hub.hub} ({hub.split}) record {index}", dict(record)
+        index += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in demo corpora, from text every Python installation ships
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_builtin(source: str) -> tuple[str, str | None]:
+    """'builtin:pydoc/train' -> ('pydoc', 'train'); DataError for an unknown name or split."""
+    spec = source.removeprefix("builtin:")
+    name, _, split = spec.partition("/")
+    if name not in BUILTIN_NAMES:
+        raise DataError(
+            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc or builtin:docsum"
+        )
+    if split and split not in SPLITS:
+        raise DataError(f"{source}: unknown split {split!r}{did_you_mean(split, SPLITS)}; choose one of {', '.join(SPLITS)}")
+    return name, split or None
+
+
+def _read_builtin(source: str) -> Iterator[tuple[str, dict]]:
+    name, split = _parse_builtin(source)
+    records = pydoc_records() if name == "pydoc" else docsum_records()
+    for index, (record_split, record) in enumerate(records):
+        if split is None or record_split == split:
+            yield f"builtin:{name} record {index}", dict(record)  # a copy: callers may mutate records
+
+
+def split_of(key: str) -> str:
+    """Deterministic ~90/5/5 train/validation/test split of a stable id, by hash."""
+    bucket = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docs() -> tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...]:
+    """(module name, pydoc-like page, ((qualified name, docstring), ...)) for each stdlib module, sorted.
+
+    The files are parsed with `ast`, never imported: importing arbitrary stdlib modules has side
+    effects (antigravity opens a browser, this prints) and what imports depends on the platform.
+    One parse serves both corpora and only the extracted text is kept, not the syntax trees.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    modules = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if any(p in skip for p in parts):
+            continue
+        name = ".".join(p for p in parts if p != "__init__")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escape sequences in old modules warn while parsing
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue  # e.g. lib2to3 grammar fixtures; skipping them is deterministic too
+        docs = []
+        module_doc = ast.get_docstring(tree, clean=True)
+        if module_doc:
+            docs.append((name, module_doc))
+        docs.extend(_documented(tree.body, f"{name}."))
+        modules.append((name, _module_text(name, module_doc, tree), tuple(docs)))
+    modules.sort(key=lambda item: item[0])
+    return tuple(modules)
+
+
+def _public(name: str) -> bool:
+    """Public names and dunder methods (whose docstrings are often the best-written ones)."""
+    return not name.startswith("_") or (name.startswith("__") and name.endswith("__") and len(name) > 4)
+
+
+def _documented(body: list[ast.stmt], prefix: str) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) of the documented public classes and functions in a body, nested classes included."""
+    for node in body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
+            doc = ast.get_docstring(node, clean=True)
+            if doc:
+                yield f"{prefix}{node.name}", doc
+            if isinstance(node, ast.ClassDef):
+                yield from _documented(node.body, f"{prefix}{node.name}.")
+
+
+def _signature(node: ast.AST) -> str:
+    if isinstance(node, ast.ClassDef):
+        bases = ", ".join(ast.unparse(b) for b in node.bases)
+        return f"class {node.name}({bases})" if bases else f"class {node.name}"
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns is not None else ""
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    return f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"
+
+
+def _indent(text: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line if line.strip() else "" for line in text.splitlines())
+
+
+def _module_text(name: str, module_doc: str | None, tree: ast.Module) -> str:
+    """A pydoc-like plain-text page: the module docstring, then each documented class (with methods) and function."""
+    blocks = [module_doc] if module_doc else []
+
+    def add(body: list[ast.stmt], depth: int) -> None:
+        for node in body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
+                doc = ast.get_docstring(node, clean=True)
+                if doc:
+                    blocks.append(_indent(_signature(node), 4 * depth) + "\n" + _indent(doc, 4 * depth + 4))
+                if isinstance(node, ast.ClassDef) and depth < 2:
+                    add(node.body, depth + 1)
+
+    add(tree.body, 0)
+    if not blocks:
+        return ""
+    title = f"Module {name}"
+    return f"{title}\n{'=' * len(title)}\n\n" + "\n\n".join(blocks) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def pydoc_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:pydoc as (split, {"title", "text"}): pydoc_data topics plus stdlib module docs, split by title hash."""
+    from pydoc_data.topics import topics
+
+    records = [{"title": f"topic:{title}", "text": topics[title]} for title in sorted(topics)]
+    for name, text, _ in _stdlib_docs():
+        if len(text) >= 200:  # a bare title with a one-line docstring teaches little
+            records.append({"title": f"module:{name}", "text": text})
+    return tuple((split_of(r["title"]), r) for r in records)
+
+
+_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+
+
+def _docsum_pair(doc: str) -> tuple[str, str] | None:
+    """(summary, document) from a cleaned docstring, or None when it is not a usable example.
+
+    The summary is the docstring's first paragraph (usually one line) joined into one line, or its
+    first line when that is a whole sentence followed directly by more text; the document is the
+    rest. Keep it only when the summary is a real sentence (not a signature line such as
+    'S.find(sub) -> int') and the document is at least 100 characters and two sentences (or 200
+    characters) long.
+    """
+    head, sep, body = doc.partition("\n\n")
+    if not sep:
+        head, sep, body = doc.partition("\n")
+        if not sep or not head.rstrip().endswith("."):
+            return None
+    summary = " ".join(head.split())
+    body = body.strip()
+    if not 15 <= len(summary) <= 300 or _SIGNATURE_LINE.match(summary) or "->" in summary:
+        return None
+    if len(body) < 100 or (len(_SENTENCE_END.findall(body)) < 2 and len(body) < 200):
+        return None
+    return summary, body
+
+
+@functools.lru_cache(maxsize=1)
+def docsum_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:docsum as (split, {"id", "document", "summary"}): one record per stdlib docstring, split by id hash."""
+    records, seen = [], set()
+    for _, _, docs in _stdlib_docs():
+        for ident, doc in docs:
+            pair = _docsum_pair(doc)
+            if pair is None or pair in seen:  # inherited/copied docstrings repeat; keep the first
+                continue
+            seen.add(pair)
+            records.append({"id": ident, "document": pair[1], "summary": pair[0]})
+    return tuple((split_of(r["id"]), r) for r in records)
