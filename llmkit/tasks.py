@@ -58,6 +58,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+class PromptTooLong(DataError):
+    """The prompt cannot be shortened enough to fit the token budget (the example does not fit)."""
+
+
 @dataclass
 class Formatted:
     """One formatted record: prompt and target text, and how many prompt tokens truncation removed."""
@@ -65,7 +69,6 @@ class Formatted:
     prompt: str
     target: str
     truncated_tokens: int = 0
-    chat: bool = False
 
 
 def task_defaults(task: TaskSpec) -> TaskSpec:
@@ -191,13 +194,11 @@ def format_record(
 
         def render(vals: dict[str, str]) -> str:
             user = task.prompt_template.format(**vals)
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
-            )
+            return render_chat(tokenizer, [{"role": "user", "content": user}])
 
-        prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens, chat=True, skip={"labels"})
-        return Formatted(prompt, target, cut, chat=True)
-    prompt, cut = _fit(lambda vals: task.prompt_template.format(**vals), values, tokenizer, max_prompt_tokens, chat=False, skip={"labels"})
+        prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens, skip={"labels"})
+        return Formatted(prompt, target, cut)
+    prompt, cut = _fit(lambda vals: task.prompt_template.format(**vals), values, tokenizer, max_prompt_tokens, skip={"labels"})
     return Formatted(prompt, target, cut)
 
 
@@ -212,18 +213,43 @@ def _format_chat(messages: list[dict], tokenizer, max_prompt_tokens: int | None)
 
     def render(vals: dict[str, str]) -> str:
         convo = [{"role": m["role"], "content": vals[str(i)]} for i, m in enumerate(context)]
-        return tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+        return render_chat(tokenizer, convo)
 
-    prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens, chat=True)
-    return Formatted(prompt, target, cut, chat=True)
+    prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens)
+    return Formatted(prompt, target, cut)
 
 
-def prompt_token_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Token ids of a prompt: chat templates write their own BOS, plain prompts get the tokenizer's specials."""
-    if not prompt:
-        # An empty prompt (text task) still starts with BOS when the tokenizer adds one.
-        return list(tokenizer("", add_special_tokens=True)["input_ids"])
-    return list(tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The conversation through the chat template with a generation prompt, as plain prompt text.
+
+    Templates often write the BOS token themselves; when the tokenizer also adds BOS on encoding,
+    the template's is removed here so that every prompt is encoded one way,
+    `tokenizer(prompt)` with special tokens, and carries exactly one BOS.
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos) :]
+    return text
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos_id is not None and len(ids) > 0 and ids[0] == bos_id
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt as training and generation encode it: `tokenizer(prompt)` with special tokens.
+
+    A doubled BOS (a template that writes BOS, encoded by a tokenizer that adds it) is collapsed,
+    as llmkit.generation.encode_prompts does, so training and inference see the same ids.
+    """
+    ids = list(tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
 
 
 def _fit(
@@ -231,7 +257,6 @@ def _fit(
     values: dict[str, str],
     tokenizer,
     max_prompt_tokens: int | None,
-    chat: bool,
     skip: set[str] = frozenset(),
 ) -> tuple[str, int]:
     """Render the prompt; when it is longer than max_prompt_tokens, cut the longest field from its end.
@@ -242,26 +267,26 @@ def _fit(
     prompt = render(values)
     if max_prompt_tokens is None:
         return prompt, 0
-    length = len(prompt_token_ids(tokenizer, prompt, chat))
+    length = len(prompt_token_ids(tokenizer, prompt))
     if length <= max_prompt_tokens:
         return prompt, 0
     candidates = [k for k in values if k not in skip]
     if not candidates:
-        raise DataError(f"the prompt ({length} tokens) does not fit in {max_prompt_tokens} tokens and has no field to shorten")
+        raise PromptTooLong(f"the prompt ({length} tokens) does not fit in {max_prompt_tokens} tokens and has no field to shorten")
     field = max(candidates, key=lambda k: len(values[k]))
-    field_ids = tokenizer(values[field], add_special_tokens=False)["input_ids"]
+    field_ids = tokenizer(values[field], add_special_tokens=False, verbose=False)["input_ids"]
     keep = max(0, len(field_ids) - (length - max_prompt_tokens))
     # Tokens merge differently across the cut and the template around it, so re-check and
     # shorten further by the remaining overflow (converges in one or two rounds).
     for _ in range(8):
         shortened = dict(values, **{field: tokenizer.decode(field_ids[:keep], skip_special_tokens=True)})
         prompt = render(shortened)
-        length = len(prompt_token_ids(tokenizer, prompt, chat))
+        length = len(prompt_token_ids(tokenizer, prompt))
         if length <= max_prompt_tokens or keep == 0:
             break
         keep = max(0, keep - (length - max_prompt_tokens))
     if length > max_prompt_tokens:
-        raise DataError(
+        raise PromptTooLong(
             f"the prompt without field '{field}' is still {length} tokens, more than the {max_prompt_tokens} that fit; "
             "raise data.seq_len or shorten the template"
         )
