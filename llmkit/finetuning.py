@@ -314,10 +314,19 @@ def packed_collate(pad_id: int):
     return collate
 
 
-def packing_isolated(model) -> bool:
-    """True when this model, given packed position ids and no mask, keeps examples from attending to each other."""
+def enable_packing(model) -> bool:
+    """Prepare `model` for packed rows and check numerically that packed examples do not attend to each other.
+
+    transformers derives the block-diagonal mask from position ids only when no KV cache is built,
+    and a training forward builds one by default (config.use_cache), which silently turns packing
+    into cross-example attention. So the cache is switched off for training (generation passes
+    use_cache explicitly and is unaffected). Returns False, leaving the model as it was, when the
+    model still mixes packed examples (e.g. no mask support from position ids).
+    """
     import torch
 
+    previous = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, vocab, (1, 5), generator=gen)
@@ -331,11 +340,14 @@ def packing_isolated(model) -> bool:
                 input_ids=torch.cat([a, b], dim=1),
                 position_ids=torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0),
             ).logits[:, 5:]
-    except Exception:  # a model that rejects position_ids cannot pack without cross-attention
-        return False
+        isolated = bool(torch.allclose(alone.float(), packed.float(), atol=1e-4, rtol=1e-3))
+    except (TypeError, ValueError, RuntimeError):  # a model that rejects position_ids cannot pack
+        isolated = False
     finally:
         model.train(was_training)
-    return bool(torch.allclose(alone.float(), packed.float(), atol=1e-4, rtol=1e-3))
+    if not isolated:
+        model.config.use_cache = previous
+    return isolated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -725,7 +737,7 @@ def finetune(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
     # 3. Model (+ adapters), and the batch layout the model supports.
     model = load_model(recipe, tokenizer)
     packing = recipe.data.packing
-    if packing and not packing_isolated(model):
+    if packing and not enable_packing(model):
         print(
             f"note: {type(model).__name__} does not isolate packed examples through position ids "
             f"(attn_implementation={recipe.model.attn_implementation}); using length-grouped batches instead",

@@ -15,7 +15,7 @@ from llmkit.finetuning import (
     grouped_batch_order,
     pack_examples,
     packed_collate,
-    packing_isolated,
+    enable_packing,
     padded_collate,
     render_mask,
     tokenize_record,
@@ -238,7 +238,7 @@ def test_packed_rows_do_not_attend_across_examples(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    assert packing_isolated(model)
+    assert enable_packing(model) and model.config.use_cache is False
     a = {"input_ids": [3, 40, 41, 42], "labels": [-100, 40, 41, 42]}
     b = {"input_ids": [3, 50, 51], "labels": [-100, 50, 51]}
     [row] = pack_examples([a, b], seq_len=16)
