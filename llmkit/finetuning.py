@@ -446,6 +446,11 @@ def load_model(recipe: FinetuneRecipe, tokenizer):
         if not hasattr(config, key):
             raise RecipeError(f"model.{key}: not a setting of the {config.model_type} config at {recipe.model.path}")
         setattr(config, key, value)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and recipe.data.seq_len > max_positions:
+        raise RecipeError(
+            f"data.seq_len ({recipe.data.seq_len}) is longer than the model's max_position_embeddings ({max_positions}); lower it"
+        )
     kwargs: dict[str, Any] = {"config": config, "dtype": getattr(torch, recipe.model.dtype)}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
