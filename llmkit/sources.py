@@ -217,8 +217,8 @@ def _field(record: dict, field: str, where: str) -> str | None:
     if field not in record:
         keys = [str(k) for k in record]
         raise DataError(
-            f"{where}: record has no field {field!r}{did_you_mean(field, keys)}; its fields are "
-            f"{', '.join(repr(k) for k in keys) or 'none'}; set data.text_field to the one holding the text"
+            f"{where}: record has no field {field!r} (its fields: {', '.join(repr(k) for k in keys) or 'none'}); "
+            f"set data.text_field to the one holding the text{did_you_mean(field, keys)}"
         )
     value = record[field]
     if value is None or isinstance(value, str):
