@@ -316,7 +316,8 @@ class MicroBatches:
     def __init__(self, data: TrainData, cfg, rank: int, world: int, device, start_step: int, stream_position: Position | None):
         self.data, self.cfg, self.rank, self.world, self.device = data, cfg, rank, world, device
         self.per_step = cfg.grad_accum_steps * world  # global micro-batches per optimizer step
-        self.position = stream_position
+        trace_dir = os.environ.get("LLMKIT_TRACE_SAMPLES")
+        self.trace = Path(trace_dir) / f"samples-rank{rank}.jsonl" if trace_dir else None
         if data.stream is not None:
             self._iter = self._from_stream(stream_position)
             return
@@ -354,10 +355,11 @@ class MicroBatches:
             mine = order[self.rank : used : self.world][skip_steps * self.cfg.grad_accum_steps :]
             skip_steps = 0
             step_batches: list = []
-            for batch in self._loader(self.data.train, mine):
+            for k, batch in enumerate(self._loader(self.data.train, mine)):
                 step_batches.append(batch)
                 if len(step_batches) == self.cfg.grad_accum_steps:
-                    yield step_batches, {"epoch": epoch}
+                    ids = [i for b in mine[k + 1 - len(step_batches) : k + 1] for i in b]
+                    yield step_batches, {"epoch": epoch, "ids": ids}
                     step_batches = []
             epoch += 1
 
@@ -375,7 +377,11 @@ class MicroBatches:
     def next_step(self) -> tuple[list[dict[str, Any]], Position]:
         """The grad_accum_steps micro-batches of the next optimizer step, and the data position after it."""
         batches, position = next(self._iter)
-        self.position = position if self.data.stream is not None else None
+        if self.trace is not None:
+            # LLMKIT_TRACE_SAMPLES=DIR records which examples each process trained on (a debugging aid,
+            # and how the tests check that resume neither repeats nor skips a sample).
+            with open(self.trace, "a", encoding="utf-8") as f:
+                f.write(json.dumps(position) + "\n")
         return batches, position
 
 
@@ -563,6 +569,7 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
         model.train()
         while step < max_steps:
             micro, position = batches.next_step()
+            position = position if data.stream is not None else None
             micro = [_to_device(b, accelerator.device) for b in micro]
             local = torch.tensor(
                 [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), sum(_input_tokens(b) for b in micro)],
@@ -605,7 +612,7 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
                 accelerator.print(f"warning: non-finite loss at step {step + 1}: skipped ({state['skipped_steps']}/{cfg.skip_nonfinite_steps})")
             scheduler.step()
             step += 1
-            state.update(step=step, tokens=state["tokens"] + int(step_tokens), stream_position=position if data.stream else None)
+            state.update(step=step, tokens=state["tokens"] + int(step_tokens), stream_position=position)
             window["tokens"] += step_tokens
             if finite:
                 window["nll"] += nll_sum

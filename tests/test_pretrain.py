@@ -1,0 +1,170 @@
+"""Pretraining end to end on tiny models: loss falls, the output loads and generates, bad input exits 2.
+
+    pytest tests/test_pretrain.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from pretrain_helpers import (
+    read_events,
+    recipe_dict,
+    run_in_process,
+    tree_snapshot,
+    write_corpus,
+    write_recipe,
+)
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Train and validation jsonl files of pydoc topics."""
+    d = tmp_path_factory.mktemp("corpus")
+    return write_corpus(d, docs=24), write_corpus(d, docs=6, name="val.jsonl", offset=40)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer_dir, corpus):
+    """One complete tiny run (40 steps) with validation."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    recipe = recipe_dict(tmp, tokenizer_dir, corpus[0], corpus[1], train={"max_steps": 40, "eval_every": 20, "save_every": 20})
+    summary = run_in_process(recipe)
+    return recipe, summary
+
+
+def test_loss_falls_and_metrics_are_logged(finished_run):
+    recipe, summary = finished_run
+    train = read_events(recipe["output_dir"], "train")
+    evals = read_events(recipe["output_dir"], "eval")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, (train[0], train[-1])
+    assert [e["step"] for e in evals] == [20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert math.isclose(evals[-1]["val_ppl"], math.exp(evals[-1]["val_loss"]), rel_tol=1e-4)
+    for key in ("event", "step", "tokens", "loss", "lr", "tokens_per_s", "mfu"):
+        assert key in train[-1]
+    # tokens counts every input token: 4 sequences x 32 tokens per step
+    assert train[-1]["tokens"] == 40 * 4 * 32
+    assert summary["step"] == 40 and summary["val_loss"] == evals[-1]["val_loss"]
+
+
+def test_output_loads_with_auto_classes_and_generates(finished_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = finished_run[0]["output_dir"]
+    from pathlib import Path
+
+    names = {p.name for p in Path(out).iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "recipe.yaml", "metrics.jsonl"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tokenizer)
+    ids = tokenizer("def ", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    assert "parameters" in (Path(out) / "README.md").read_text() or "trained with" in (Path(out) / "README.md").read_text()
+
+
+def test_validate_prints_the_plan(tmp_path, tokenizer_dir, corpus):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tokenizer_dir, corpus[0]))
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "parameters:" in result.output and "FLOPs per token:" in result.output and "tokens per param:" in result.output
+    assert "tokens per step:  4 micro-batch x 1 accum x 32 seq_len x 1 process = 128" in result.output
+
+
+def test_flops_and_parameter_counts_match_an_independent_count(tokenizer_dir, tmp_path, corpus):
+    from llmkit.modeling import flops_per_token, meta_model, model_config, parameter_counts
+    from llmkit.recipes import recipe_from_dict
+
+    recipe = recipe_from_dict(recipe_dict(tmp_path, tokenizer_dir, corpus[0]), stage="pretrain")
+    config = model_config(recipe, vocab_size=512)
+    counts = parameter_counts(meta_model(config))
+    h, i, layers, v = 32, 64, 2, 512
+    per_layer = 4 * h * h + 3 * h * i + 2 * h  # q,k,v,o + gate,up,down + two norms
+    assert counts["total"] == v * h + layers * per_layer + h  # tied embedding + final norm
+    assert flops_per_token(config, counts["matmul"], 32) == 6 * counts["total"] + 12 * layers * h * 32
+
+
+def _bad(tmp_path, tokenizer_dir, corpus, **sections):
+    return write_recipe(tmp_path / "bad.yaml", recipe_dict(tmp_path, tokenizer_dir, corpus, **sections))
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("seq_len", "data.seq_len (128) is larger than the model's max positions (64)"),
+        ("vocab", "vocab_size is 100"),
+        ("empty", "empty"),
+        ("too_small", "fewer than one optimizer step"),
+        ("text_field", "body"),
+    ],
+)
+def test_bad_input_exits_2_and_changes_nothing(tmp_path, tokenizer_dir, corpus, case, expected):
+    train = corpus[0]
+    sections: dict = {}
+    if case == "seq_len":
+        sections = {"data": {"train": [str(train)], "seq_len": 128, "cache_dir": str(tmp_path / "cache")}}
+    elif case == "vocab":
+        sections = {"model": {"type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "max_position_embeddings": 64, "vocab_size": 100}}
+    elif case == "empty":
+        (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+        train = tmp_path / "empty.txt"
+    elif case == "too_small":
+        (tmp_path / "small.jsonl").write_text(json.dumps({"text": "tiny corpus"}) + "\n", encoding="utf-8")
+        train = tmp_path / "small.jsonl"
+    elif case == "text_field":
+        (tmp_path / "body.jsonl").write_text(json.dumps({"body": "some text " * 50}) + "\n", encoding="utf-8")
+        train = tmp_path / "body.jsonl"
+    recipe = _bad(tmp_path, tokenizer_dir, train, **sections)
+    before = tree_snapshot(tmp_path / "run")
+    result = CliRunner().invoke(app, ["pretrain", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output, result.output
+    assert "Traceback" not in result.output
+    assert tree_snapshot(tmp_path / "run") == before == {}
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path, tokenizer_dir, corpus, finished_run):
+    recipe, _ = finished_run
+    other = dict(recipe, train={**recipe["train"], "lr": 5e-3})
+    path = write_recipe(tmp_path / "other.yaml", other)
+    before = tree_snapshot(recipe["output_dir"])
+    result = CliRunner().invoke(app, ["pretrain", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "holds a different run (train.lr" in result.output and "--overwrite" in result.output
+    assert tree_snapshot(recipe["output_dir"]) == before
+    # A directory of unrelated files is refused too.
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine", encoding="utf-8")
+    path = write_recipe(tmp_path / "stuff.yaml", dict(recipe, output_dir=str(tmp_path / "stuff")))
+    result = CliRunner().invoke(app, ["pretrain", str(path)])
+    assert result.exit_code == 2 and "not an llmkit run" in result.output
+
+
+def test_rerunning_a_finished_run_with_more_steps_continues_it(tmp_path, tokenizer_dir, corpus):
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"max_steps": 8})
+    run_in_process(recipe)
+    longer = dict(recipe, train={**recipe["train"], "max_steps": 12})
+    summary = run_in_process(longer)
+    assert summary["resumed_from"] == 8 and summary["step"] == 12
+    assert [e["step"] for e in read_events(recipe["output_dir"], "train")] == [2, 4, 6, 8, 10, 12]
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["train"]["max_steps"] == 12
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, tokenizer_dir, corpus):
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"lr": 1e6, "grad_clip": None, "warmup_steps": 0, "save_every": 2})
+    from llmkit.train import TrainingError
+
+    with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step \d+.*last good checkpoint is .*step-0000000\d"):
+        run_in_process(recipe)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
