@@ -216,12 +216,18 @@ def perplexity(
     return totals
 
 
+def _state():
+    """accelerate's process state; gloo on CPU-only machines (accelerate picks no backend there unless told cpu=True)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _world() -> tuple[int, int]:
     """(world_size, rank) of an accelerate / torchrun launch, (1, 0) otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = _state()
         return state.num_processes, state.process_index
     return 1, 0
 
@@ -233,9 +239,8 @@ def reduce_totals(totals: NllTotals) -> NllTotals:
         return totals
     import torch
     import torch.distributed as dist
-    from accelerate import PartialState
 
-    state = PartialState()
+    state = _state()
     device = state.device if state.backend == "nccl" else "cpu"
     packed = torch.tensor([totals.nll_sum, totals.tokens, totals.bytes, totals.documents], dtype=torch.float64, device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
@@ -530,9 +535,7 @@ def evaluate_model(recipe: EvalRecipe, plan: ModelPlan, located: list[tuple[str,
     world, rank = _world()
     device = None
     if world > 1:
-        from accelerate import PartialState
-
-        device = PartialState().device
+        device = _state().device
     started = time.perf_counter()
     model, tokenizer = load_model(
         plan.path, recipe.tokenizer, recipe.model.dtype, recipe.model.attn_implementation, device=device, where=plan.where
@@ -662,7 +665,7 @@ def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, An
     # 2. Score each checkpoint in turn (one model in memory at a time).
     results, all_rows = [], []
     for plan in plans:
-        log(f"scoring {plan.path}")
+        log(f"scoring {plan.path}" + (f" on {world} processes" if world > 1 else ""))
         result, rows = evaluate_model(recipe, plan, located, log)
         results.append(result)
         for row in rows:
