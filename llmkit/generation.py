@@ -150,9 +150,31 @@ def generation_config(spec: GenerationSpec, tokenizer, num_return_sequences: int
         settings.update(temperature=1.0, top_p=1.0, top_k=50)
     if spec.num_beams > 1:
         settings["early_stopping"] = True
-    if spec.stop:
-        settings["stop_strings"] = list(spec.stop)
     return GenerationConfig(**settings)
+
+
+def stop_criteria(tokenizer, stop: Sequence[str], prompt_width: int):
+    """StoppingCriteriaList ending a row once its continuation (never the prompt) contains a stop string.
+
+    transformers' own `stop_strings` also matches a stop string that straddles the end of the
+    prompt (prompt "f(a):" + generated ":" stops on "::"), so it could end a generation that
+    does not contain the stop string at all.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stops = [s for s in stop if s]
+    # A stop string of n characters lies within the last n + 8 tokens (byte-level pieces may be partial characters).
+    tail = max((len(s) for s in stops), default=0) + 8
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids[:, prompt_width:]
+            window = new[:, -tail:].tolist()
+            texts = tokenizer.batch_decode(window, skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnStrings()]) if stops else None
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -229,7 +251,7 @@ def generate_ids(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
-                tokenizer=tokenizer if spec.stop else None,
+                stopping_criteria=stop_criteria(tokenizer, spec.stop, width),
             )
         new_tokens = output[:, width:].tolist()
         for k, ids in enumerate(new_tokens):
@@ -404,7 +426,7 @@ def generate_command(
                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
                         generation_config=config,
                         streamer=streamer,
-                        tokenizer=tokenizer if spec.stop else None,
+                        stopping_criteria=stop_criteria(tokenizer, spec.stop, len(ids)),
                     )
                 typer.echo("")
                 outputs.append(_decode(tokenizer, out[0, len(ids) :].tolist(), spec.stop))
