@@ -604,7 +604,7 @@ def comparison(results: list[dict]) -> dict[str, Any]:
         values = [(row[k], row["model"]) for row in rows if isinstance(row[k], (int, float)) and not math.isnan(row[k])]
         if values:
             best[k] = (min(values) if k in LOWER_IS_BETTER else max(values))[1]
-    return {"metrics": keys, "rows": rows, "best": best, "lower_is_better": sorted(LOWER_IS_BETTER & set(keys))}
+    return {"metrics": keys, "models": rows, "best": best, "lower_is_better": sorted(LOWER_IS_BETTER & set(keys))}
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -622,11 +622,11 @@ def comparison_table(table: dict[str, Any], markdown: bool = True) -> str:
     keys = table["metrics"]
     header = ["model", *keys]
     body = []
-    for row in table["rows"]:
+    for row in table["models"]:
         cells = [row["model"]]
         for k in keys:
             cell = _fmt(k, row[k])
-            if table["best"].get(k) == row["model"] and len(table["rows"]) > 1:
+            if table["best"].get(k) == row["model"] and len(table["models"]) > 1:
                 cell = f"**{cell}**" if markdown else f"{cell}*"
             cells.append(cell)
         body.append(cells)

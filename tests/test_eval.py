@@ -244,8 +244,8 @@ def test_several_checkpoints_give_a_comparison(tmp_path, tiny_model_dir, docs_fi
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     table = json.loads((out / "comparison.json").read_text())
-    assert [r["model"] for r in table["rows"]] == [str(tiny_model_dir), str(other)]
-    best = min(table["rows"], key=lambda r: r["perplexity"])["model"]
+    assert [r["model"] for r in table["models"]] == [str(tiny_model_dir), str(other)]
+    best = min(table["models"], key=lambda r: r["perplexity"])["model"]
     assert table["best"]["perplexity"] == best
     assert "| model | perplexity" in (out / "comparison.md").read_text()
     assert "perplexity" in result.stdout and str(other) in result.stdout
