@@ -529,8 +529,11 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
     fpt = flops_per_token(config, counts["matmul"], recipe.data.seq_len)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False  # no KV cache in training; also required by gradient checkpointing
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache is not None:
+        # No KV cache in training: gradient checkpointing needs that, and without a cache transformers
+        # infers per-document attention from restarting position ids (data.doc_masking: attention).
+        config.use_cache = False
     optimizer = make_optimizer(model, cfg)
     multiplier = functools.partial(
         lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=max_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr / cfg.lr
@@ -668,6 +671,8 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
     # 6. Final model in Hugging Face format, model card, summary.
     if last_saved != step:
         checkpoints.save_checkpoint(accelerator, model, optimizer, scheduler, dict(state), output_dir, cfg.keep_checkpoints)
+    if use_cache is not None:
+        config.use_cache = use_cache  # generation wants the cache back
     _save_final(accelerator, model, tokenizer, output_dir, save_final)
     summary.update(
         step=step, tokens=state["tokens"], stopped="completed", output_dir=str(output_dir),
