@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -494,55 +493,25 @@ def lora_saver(recipe: FinetuneRecipe):
 
     Without merge the adapter files sit at the top of output_dir (AutoModelForCausalLM and
     PeftModel both load them when peft is installed). With merge the merged model takes the top, so
-    plain transformers loads it, and the adapter goes to output_dir/adapter.
+    plain transformers loads it, and the adapter goes to output_dir/adapter. fit calls this on a
+    staging directory and moves the files into place, and it is the last use of the model, so
+    merging in place is safe.
     """
 
     def save_final(model, tokenizer, output_dir) -> None:
         output_dir = Path(output_dir)
-        tmp = output_dir / ".final-tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        adapter_dir = tmp / "adapter" if recipe.lora.merge else tmp
+        adapter_dir = output_dir / "adapter" if recipe.lora.merge else output_dir
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         if recipe.lora.merge:
             merged = model.merge_and_unload()
-            merged.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(recipe), encoding="utf-8")
-        # Move complete files into place one by one (each rename is atomic).
-        for item in sorted(tmp.iterdir()):
-            target = output_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        tmp.rmdir()
+            merged.config.use_cache = True  # the loop turned the cache off for training only
+            merged.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+            if getattr(merged, "generation_config", None) is not None:
+                merged.generation_config.save_pretrained(output_dir)
 
     return save_final
-
-
-def model_card(recipe: FinetuneRecipe) -> str:
-    """A short README.md describing how the model was fine-tuned."""
-    task = task_defaults(recipe.task)
-    lines = [
-        "---",
-        "library_name: " + ("peft" if recipe.lora.enabled and not recipe.lora.merge else "transformers"),
-        "tags: [llmkit, fine-tuned, " + task.type + "]",
-        "---",
-        f"# Fine-tuned with llmkit ({task.type})",
-        "",
-        f"- base model: `{recipe.model.path}`",
-        f"- task: {task.type}" + (f", labels: {', '.join(task.labels)}" if task.labels else ""),
-        f"- training: {recipe.train.max_steps or recipe.train.max_tokens} "
-        f"{'steps' if recipe.train.max_steps else 'tokens'}, lr {recipe.train.lr}, seq_len {recipe.data.seq_len}",
-    ]
-    if recipe.lora.enabled:
-        lines.append(
-            f"- LoRA: r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}, "
-            f"targets={recipe.lora.target_modules}" + ("; merged into the full model (adapter in adapter/)" if recipe.lora.merge else "")
-        )
-    lines += ["", "The resolved recipe is in recipe.yaml; reproduce with `llmkit finetune recipe.yaml`.", ""]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def template_fields(template: str, key: str = "task.prompt_template") -> list[st
         if name == "" or name.isdigit():
             raise RecipeError(f"{key}: placeholders must name a record field, e.g. {{document}}; found '{{{name}}}'")
         if any(ch in name for ch in ".[") or spec or conversion:
-            raise RecipeError(f"{key}: placeholder '{{{name}}}' must be a plain field name, e.g. {{document}}")
+            written = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise RecipeError(f"{key}: placeholder '{{{written}}}' must be a plain field name, e.g. {{document}}")
         if name not in _RESERVED and name not in fields:
             fields.append(name)
     return fields
