@@ -428,7 +428,10 @@ def _offline_env() -> bool:
 
 def _hub_error(hub: HubSource, exc: BaseException | None) -> DataError:
     """A one-line DataError for a hub dataset that cannot be read, saying how to work offline."""
-    local = "download it where you have network and list the local .jsonl/.parquet/.txt files in the recipe, or use builtin:pydoc"
+    local = (
+        "download it where you have network and list the local .jsonl/.parquet/.txt files in the recipe "
+        "(or set streaming: false to read a copy already in the datasets cache), or use builtin:pydoc"
+    )
     chain, seen = [], exc
     while seen is not None and len(chain) < 8:
         chain.append(seen)
@@ -446,8 +449,8 @@ def _hub_error(hub: HubSource, exc: BaseException | None) -> DataError:
 
 def _read_hub(hub: HubSource) -> Iterator[tuple[str, dict]]:
     """Records of a hub dataset, streamed when `hub.streaming`, capped at `hub.max_samples`."""
-    if _offline_env():
-        raise _hub_error(hub, None)
+    if hub.streaming and _offline_env():
+        raise _hub_error(hub, None)  # streaming always needs the network; a cached copy needs streaming: false
     try:
         import datasets
 

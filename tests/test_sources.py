@@ -249,3 +249,34 @@ def test_docsum_records_have_summary_and_body():
     first["summary"] = "changed"
     assert next(iter_records("builtin:docsum"))["summary"] != "changed"
     assert docsum_records()[0][1]["summary"] != "changed"
+
+
+def test_hub_source_streams_with_a_sample_cap(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, revision=None):
+        calls.append((path, name, split, streaming))
+        return iter({"text": f"row {i}", "id": i} for i in range(100))
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    source = {"hub": "someone/corpus", "name": "en", "split": "validation", "max_samples": 3}
+    assert list(iter_texts([source, "hub:other/set"], max_samples=5)) == ["row 0", "row 1", "row 2", "row 0", "row 1"]
+    assert calls == [("someone/corpus", "en", "validation", True), ("other/set", None, "train", True)]
+    assert "hub:someone/corpus (config en, split validation, up to 3 records)" in describe([source])
+
+
+def test_hub_load_failure_is_one_line(monkeypatch):
+    import datasets
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub\nmore details")
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    message = _error("hub:nobody/nothing")
+    assert "hub:nobody/nothing: cannot load the dataset (FileNotFoundError" in message
