@@ -50,7 +50,7 @@ ENCODE_BATCH = 256  # documents per tokenizer call: large enough for the Rust th
 
 def log(message: str) -> None:
     """Progress line on stderr from the main process only."""
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0:
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -351,12 +351,12 @@ def _build(recipe, tokenizer, target: Path) -> dict:
 
 
 def _is_main_process() -> bool:
-    try:
-        from accelerate import PartialState
+    """The process that builds the cache: local rank 0 of each node (correct for shared and node-local caches).
 
-        return PartialState().is_main_process
-    except Exception:  # no accelerate state can be made: a plain single process
-        return True
+    Read from the launcher's environment rather than accelerate's state, which must not be created
+    before the Accelerator (it fixes the backend on first use).
+    """
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0
 
 
 def prepare_cache(recipe, tokenizer, *, main_process: bool | None = None, poll_s: float = 2.0) -> Path:

@@ -502,7 +502,11 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
 
     # 2. Accelerator, seeds, trackers.
     trackers = _available_trackers(list(cfg.trackers))
+    # Under a multi-process launcher on a machine without CUDA, accelerate only sets up gloo when told
+    # it runs on CPU; otherwise every process would believe it is alone.
+    cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     accelerator = Accelerator(
+        cpu=cpu_multiprocess,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=trackers or None,
