@@ -231,6 +231,9 @@ def _plan_vocab(recipe) -> tuple[int | None, dict, str]:
     name = getattr(recipe, "tokenizer", None)
     if name is None:
         return None, {}, ""
+    if not Path(name).expanduser().is_dir():
+        # validate never touches the network: a hub tokenizer is only read when training starts
+        return None, {}, f"tokenizer {name} is not a local directory (yet): vocab size taken from the config"
     try:
         tokenizer = load_tokenizer(name)
     except ModelError:

@@ -50,8 +50,11 @@ MIXED_SCRIPT = (
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
 HELDOUT_EVERY = 20
 """Without data.validation, every 20th training document is held out (up to data.heldout_docs)."""
-HELDOUT_MAX_CHARS = 4_000_000
-"""Cap on the held-out sample, so the report stays quick and bounded in memory on huge corpora."""
+HELDOUT_MAX_CHARS = 2_000_000
+REPORT_DOC_CHARS = 100_000
+"""The report measures at most 2 M characters, each document cut (at a line end) to its first 100 k:
+the cost stays bounded on huge corpora, and encode_batch spreads many pieces over all cores where
+one 1 MB document would encode on a single core."""
 BATCH_DOCS = 1000
 BATCH_CHARS = 8_000_000
 """Documents go to the trainer in batches of at most this many documents / characters."""
@@ -315,32 +318,41 @@ class _Stream:
             return False
         if len(self.heldout) >= self.recipe.data.heldout_docs or self.heldout_chars >= HELDOUT_MAX_CHARS:
             return False
-        self.heldout.append(text)
-        self.heldout_chars += len(text)
+        piece = _report_piece(text)  # the whole document leaves training; only its measured part is kept
+        self.heldout.append(piece)
+        self.heldout_chars += len(piece)
         return True
+
+
+def _report_piece(text: str) -> str:
+    """A document cut to REPORT_DOC_CHARS at a line end (or hard, for a very long line)."""
+    if len(text) <= REPORT_DOC_CHARS:
+        return text
+    cut = text.rfind("\n", 0, REPORT_DOC_CHARS)
+    return text[: cut + 1] if cut >= REPORT_DOC_CHARS // 2 else text[:REPORT_DOC_CHARS]
+
+
+def _take_sample(texts: Iterator[str]) -> list[str]:
+    """Report pieces of documents until HELDOUT_MAX_CHARS characters are collected."""
+    docs, chars = [], 0
+    for text in texts:
+        docs.append(_report_piece(text))
+        chars += len(docs[-1])
+        if chars >= HELDOUT_MAX_CHARS:
+            break
+    return docs
 
 
 def _report_sample(recipe: TokenizerRecipe, stream: _Stream) -> tuple[list[str], str]:
     """The documents the report measures on, and where they come from."""
     data = recipe.data
     if data.validation is not None:
-        docs, chars = [], 0
-        for text in iter_texts(data.validation, data.text_field, data.heldout_docs or 200):  # 0 would mean none
-            docs.append(text)
-            chars += len(text)
-            if chars >= HELDOUT_MAX_CHARS:
-                break
-        return docs, "data.validation"
+        # heldout_docs = 0 cannot mean "measure nothing" here: fall back to 200 documents
+        return _take_sample(iter_texts(data.validation, data.text_field, data.heldout_docs or 200)), "data.validation"
     if stream.heldout:
         return stream.heldout, f"every {HELDOUT_EVERY}th training document, held out"
     # heldout_docs = 0 or a corpus too small to hold any out: say the numbers are in-sample
-    docs, chars = [], 0
-    for text in iter_texts(data.train, data.text_field, 200):
-        docs.append(text)
-        chars += len(text)
-        if chars >= HELDOUT_MAX_CHARS:
-            break
-    return docs, "training documents (in-sample: nothing was held out)"
+    return _take_sample(iter_texts(data.train, data.text_field, 200)), "training documents (in-sample: nothing was held out)"
 
 
 def _train_into(recipe: TokenizerRecipe, special: list[str], out_dir: Path) -> dict:
@@ -388,7 +400,7 @@ def _train_into(recipe: TokenizerRecipe, special: list[str], out_dir: Path) -> d
         "training_seconds": round(training_seconds, 3),
         "train_docs": stream.docs,
         "train_bytes": stream.bytes,
-        "heldout": measure(tokenizer, sample) | {"source": sample_source},
+        "heldout": measure(tokenizer, sample) | {"source": sample_source, "max_chars_per_doc": REPORT_DOC_CHARS},
         "mixed_script": _mixed_script(tokenizer),
         "llmkit_version": __version__,
         "tokenizers_version": tokenizers.__version__,

@@ -544,9 +544,13 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     if distributed_kind(accelerator) == "deepspeed":
-        # DeepSpeed wants the micro-batch size in its config; it cannot infer it from our own loader.
+        # DeepSpeed cannot infer the micro-batch size from our own loader, and its accumulation and
+        # clipping settings override the Accelerator's: take all three from the recipe.
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+        ds["gradient_accumulation_steps"] = cfg.grad_accum_steps
+        ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * world
+        ds["gradient_clipping"] = cfg.grad_clip or 0.0
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
