@@ -149,12 +149,23 @@ def score_windows(model, token_ids: Sequence[Sequence[int]], windows, batch_size
     device = next(model.parameters()).device
     keep_logits = _forward_accepts(model, "logits_to_keep")
     use_positions = _forward_accepts(model, "position_ids")
-    # Windows that score a similar number of tokens share a batch, so the logits kept per batch
-    # (the last `keep` positions of every left-padded row) are mostly needed ones.
-    ordered = sorted(windows, key=lambda w: (w[2] - w[3], w[2] - w[1]), reverse=True)
+    # Windows of equal width share a batch (most are exactly seq_len wide, so most batches need no
+    # padding and no attention mask, which keeps SDPA on its fast causal kernels); within a width,
+    # windows scoring a similar number of tokens go together, so the logits kept per batch (the
+    # last `keep` positions of every left-padded row) are mostly needed ones.
+    ordered = sorted(windows, key=lambda w: (w[2] - w[1], w[2] - w[3]), reverse=True)
+    batches: list[list] = []
+    for window in ordered:
+        width = window[2] - window[1]
+        last = batches[-1] if batches else None
+        # A model that takes no position_ids would see shifted positions in a left-padded row,
+        # so its batches hold windows of one width only.
+        if last is None or len(last) == batch_size or (not use_positions and last[0][2] - last[0][1] != width):
+            batches.append([window])
+        else:
+            last.append(window)
     total = 0.0
-    for b in range(0, len(ordered), batch_size):
-        batch = ordered[b : b + batch_size]
+    for batch in batches:
         width = max(end - start for _, start, end, _ in batch)
         keep = max(end - first for _, _, end, first in batch) + 1
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -170,9 +181,11 @@ def score_windows(model, token_ids: Sequence[Sequence[int]], windows, batch_size
             position_ids[r, width - n :] = torch.arange(n)
             scored = end - first
             targets[r, keep - 1 - scored :] = ids[first - start :]
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        if use_positions:
-            kwargs["position_ids"] = position_ids.to(device)
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device)}
+        if not bool(attention_mask.all()):
+            kwargs["attention_mask"] = attention_mask.to(device)
+            if use_positions:
+                kwargs["position_ids"] = position_ids.to(device)
         if keep_logits:
             kwargs["logits_to_keep"] = keep
         with torch.inference_mode():
