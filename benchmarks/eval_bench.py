@@ -15,8 +15,9 @@
    `rouge_score.rouge_scorer.RougeScorer(use_stemmer=True).score` per pair; scores must be identical.
    llmkit's stem cache is cleared before each of its runs, so no run benefits from an earlier one.
 
-The model is a randomly initialised llama (4 layers, hidden 256, vocab 4096 BPE trained here on
-Python's docs): speed does not depend on the weights, and values are compared between the two sides.
+The model is a randomly initialised llama (default 4 layers, hidden 256, a 16k BPE vocabulary trained
+here on Python's docs: the output layer is about half the FLOPs, as in Pythia-70M or GPT-2 small);
+speed does not depend on the weights, and values are compared between the two sides.
 Each measurement is repeated, the sides alternate, and medians are reported (the machine is shared).
 """
 
@@ -36,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_model(workdir: Path, vocab_size: int = 4096, positions: int = 512):
+def build_model(workdir: Path, vocab_size: int, hidden_size: int, layers: int, positions: int = 1024):
     """A random llama and a BPE tokenizer trained on builtin:pydoc/train, saved to `workdir`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -57,8 +58,9 @@ def build_model(workdir: Path, vocab_size: int = 4096, positions: int = 512):
     tokenizer.save_pretrained(workdir)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=positions, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3, num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64, max_position_embeddings=positions,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(workdir)
 
@@ -77,10 +79,11 @@ def guide_loop(model, token_ids, seq_len: int, stride: int, literal: bool) -> tu
     """
     import torch
 
+    device = next(model.parameters()).device
     nll_sum, n_tokens = 0.0, 0
     for ids in token_ids:
         length = len(ids)
-        ids = torch.tensor([ids])
+        ids = torch.tensor([ids], device=device)
         prev_end = 0
         for k, begin in enumerate(range(0, length, stride)):
             end = min(begin + seq_len, length)
@@ -104,14 +107,14 @@ def guide_loop(model, token_ids, seq_len: int, stride: int, literal: bool) -> tu
     return nll_sum, n_tokens
 
 
-def bench_perplexity(model_dir: Path, repeats: int, seq_len: int, stride: int, batch_size: int) -> dict:
+def bench_perplexity(model_dir: Path, repeats: int, seq_len: int, stride: int, batch_size: int, device: str) -> dict:
     import torch
 
     from llmkit.evaluation import perplexity
     from llmkit.generation import load_model
     from llmkit.sources import iter_texts
 
-    model, tokenizer = load_model(str(model_dir), device="cpu")
+    model, tokenizer = load_model(str(model_dir), device=device)
     texts = list(iter_texts(["builtin:pydoc/test"]))
     token_ids = tokenizer(texts, verbose=False)["input_ids"]
     times = {"llmkit": [], "guide": []}
@@ -150,7 +153,7 @@ def bench_perplexity(model_dir: Path, repeats: int, seq_len: int, stride: int, b
 # ----------------------------------------------------------------------------------------------
 
 
-def bench_generation(model_dir: Path, repeats: int, examples: int, max_new_tokens: int, batch_size: int) -> dict:
+def bench_generation(model_dir: Path, repeats: int, examples: int, max_new_tokens: int, batch_size: int, device: str) -> dict:
     from transformers import pipeline
 
     from llmkit.generation import generate_ids, load_model
@@ -158,14 +161,14 @@ def bench_generation(model_dir: Path, repeats: int, examples: int, max_new_token
     from llmkit.sources import load_records
     from llmkit.tasks import format_example, prompt_token_ids
 
-    model, tokenizer = load_model(str(model_dir), device="cpu")
+    model, tokenizer = load_model(str(model_dir), device=device)
     task = TaskSpec(type="summarization")
     records = load_records(["builtin:docsum/test"], max_samples=examples)
     # Prompts capped so prompt + generation fits the model (as llmkit eval does).
     prompts = [format_example(task, r, tokenizer, max_prompt_tokens=384)[0] for r in records]
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     spec = GenerationSpec(max_new_tokens=max_new_tokens)
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)
     times = {"llmkit": [], "pipeline": []}
     outputs = {}
     for _ in range(repeats):
@@ -246,21 +249,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--vocab-size", type=int, default=16384, help="BPE vocabulary of the benchmark model.")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--output", type=Path, help="Also write the results to this JSON file.")
     args = parser.parse_args()
     only = set(args.only or ["perplexity", "generation", "rouge"])
     import torch
 
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+    from llmkit.generation import default_device
+
+    device = args.device or default_device()
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        + (f", {gpu}" if gpu else ""),
+        "device": device,
+        "model": {"type": "llama", "vocab_size": args.vocab_size, "hidden_size": args.hidden_size, "layers": args.layers},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         if only & {"perplexity", "generation"}:
-            build_model(model_dir)
+            build_model(model_dir, args.vocab_size, args.hidden_size, args.layers)
         if "perplexity" in only:
-            results["perplexity"] = bench_perplexity(model_dir, args.repeats, args.seq_len, args.stride, args.batch_size)
+            results["perplexity"] = bench_perplexity(model_dir, args.repeats, args.seq_len, args.stride, args.batch_size, device)
             print(json.dumps({"perplexity": results["perplexity"]}, indent=2), flush=True)
         if "generation" in only:
-            results["generation"] = bench_generation(model_dir, args.repeats, args.examples, args.max_new_tokens, args.batch_size)
+            results["generation"] = bench_generation(model_dir, args.repeats, args.examples, args.max_new_tokens, args.batch_size, device)
             print(json.dumps({"generation": results["generation"]}, indent=2), flush=True)
     if "rouge" in only:
         results["rouge"] = bench_rouge(args.repeats)

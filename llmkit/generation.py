@@ -312,8 +312,11 @@ def _stop_aware_streamer(tokenizer, stop: Sequence[str], out):
     return StopAwareStreamer()
 
 
-def read_prompts(prompt: str | None, file: Path | None, stdin=None) -> list[str]:
-    """Prompts from the argument, a file (one per line; .jsonl: the 'prompt' field) or stdin (one per line)."""
+def read_prompts(prompt: str | None, file: Path | None, stdin=None) -> list[str] | None:
+    """Prompts from the argument, a file (one per line; .jsonl: the 'prompt' field) or piped stdin (one per line).
+
+    None means stdin is a terminal with no prompt given: the caller runs an interactive session.
+    """
     if prompt is not None and prompt != "-":
         if file is not None:
             raise RecipeError("give either a PROMPT argument or --file, not both")
@@ -341,11 +344,66 @@ def read_prompts(prompt: str | None, file: Path | None, stdin=None) -> list[str]
         return prompts
     stdin = stdin or sys.stdin
     if stdin.isatty():
-        raise RecipeError("no prompt: give a PROMPT argument, --file FILE, or pipe prompts on stdin")
+        return None
     prompts = [line.rstrip("\n") for line in stdin if line.strip()]
     if not prompts:
         raise DataError("stdin held no prompts")
     return prompts
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered by the chat template, ready for the assistant's reply."""
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template writes its own BOS; the tokenizer must not add a second one.
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def _stream_one(lm, tokenizer, ids: list[int], spec: GenerationSpec) -> str:
+    """Generate one continuation, printing it to stdout as it comes; returns it cut at EOS / stop."""
+    import torch
+    import typer
+
+    device = next(lm.parameters()).device
+    streamer = _stop_aware_streamer(tokenizer, spec.stop, sys.stdout)
+    with torch.inference_mode():
+        out = lm.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+            generation_config=generation_config(spec, tokenizer),
+            streamer=streamer,
+            stopping_criteria=stop_criteria(tokenizer, spec.stop, len(ids)),
+        )
+    typer.echo("")
+    return _decode(tokenizer, out[0, len(ids) :].tolist(), spec.stop)
+
+
+def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool) -> list[str]:
+    """A terminal session: read a prompt, stream the reply; in chat mode the conversation is kept."""
+    import typer
+
+    messages: list[dict] = []
+    outputs: list[str] = []
+    typer.echo("interactive: type a prompt and press Enter; Ctrl-D or /exit quits" + ("; /reset clears the chat" if chat else ""), err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            typer.echo("", err=True)
+            return outputs
+        if line.strip() in ("/exit", "/quit"):
+            return outputs
+        if chat and line.strip() == "/reset":
+            messages.clear()
+            continue
+        if not line.strip():
+            continue
+        if chat:
+            messages.append({"role": "user", "content": line})
+            reply = _stream_one(lm, tokenizer, _chat_ids(tokenizer, messages), spec)
+            messages.append({"role": "assistant", "content": reply})
+        else:
+            reply = _stream_one(lm, tokenizer, encode_prompts(tokenizer, [line])[0], spec)
+        outputs.append(reply)
 
 
 def generate_command(
@@ -398,13 +456,11 @@ def generate_command(
         raise ModelError(f"MODEL: {model}: the tokenizer has no chat template; drop --chat")
     if has_template and not chat:
         typer.echo("(the tokenizer has a chat template; pass --chat to use it)", err=True)
+    torch.manual_seed(seed)
+    if prompts is None:
+        return _interactive(lm, tokenizer, spec, chat)
     if chat:
-        rendered = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
-        # The template writes its own BOS; the tokenizer must not add a second one.
-        prompt_ids = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rendered]
+        prompt_ids = [_chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     else:
         prompt_ids = encode_prompts(tokenizer, prompts)
 
@@ -412,24 +468,11 @@ def generate_command(
     many = len(prompts) > 1 or num_samples > 1
     outputs: list[str] = []
     if stream:
-        device = next(lm.parameters()).device
-        torch.manual_seed(seed)
-        config = generation_config(spec, tokenizer)
         for i, ids in enumerate(prompt_ids):
             for j in range(num_samples):
                 if many:
                     typer.echo(f"### prompt {i + 1}" + (f", sample {j + 1}" if num_samples > 1 else ""))
-                streamer = _stop_aware_streamer(tokenizer, spec.stop, sys.stdout)
-                with torch.inference_mode():
-                    out = lm.generate(
-                        input_ids=torch.tensor([ids], device=device),
-                        attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
-                        generation_config=config,
-                        streamer=streamer,
-                        stopping_criteria=stop_criteria(tokenizer, spec.stop, len(ids)),
-                    )
-                typer.echo("")
-                outputs.append(_decode(tokenizer, out[0, len(ids) :].tolist(), spec.stop))
+                outputs.append(_stream_one(lm, tokenizer, ids, spec))
         return outputs
     for i, texts in enumerate(generate_ids(lm, tokenizer, prompt_ids, spec, num_return_sequences=num_samples)):
         for j, text in enumerate(texts):

@@ -320,3 +320,47 @@ def test_task_metric_helpers():
 
     assert accuracy([" Positive\nextra", "neg"], ["positive", "positive"]) == 0.5
     assert exact_match(["a  b", "c"], ["a b", "C"]) == 0.5
+
+
+def test_classification_accuracy_uses_the_label_set(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "cls.jsonl", [
+        {"text": "great product", "label": "positive"},
+        {"text": "broke in a day", "label": "negative"},
+    ])  # fmt: skip
+    recipe = {
+        "stage": "eval", "output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_model_dir)},
+        "data": {"test": str(data)}, "metrics": ["accuracy"], "task": {"type": "classification"},
+        "generation": {"max_new_tokens": 3},
+    }  # fmt: skip
+    result = run_eval(write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert "negative, positive" in rows[0]["input"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy"] == sum(r["scores"]["accuracy"] for r in rows) / 2
+
+
+def test_bleu_needs_sacrebleu_or_is_computed(tmp_path, tiny_model_dir, summaries_file):
+    recipe = {
+        "stage": "eval", "output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_model_dir)},
+        "data": {"test": str(summaries_file)}, "metrics": ["bleu"], "task": {"type": "summarization"},
+        "generation": {"max_new_tokens": 4},
+    }  # fmt: skip
+    try:
+        import sacrebleu  # noqa: F401
+    except ImportError:
+        _fails(tmp_path, recipe, "metrics", "sacrebleu")
+        return
+    result = run_eval(write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["bleu"] <= 100.0 and "nrefs:1" in metrics["bleu_signature"]
+
+
+def test_a_training_run_directory_is_never_used_as_output(tmp_path, tiny_model_dir, docs_file):
+    run = tmp_path / "out"
+    run.mkdir()
+    write_recipe(run / "recipe.yaml", {"stage": "pretrain"})
+    result = run_eval(write_recipe(tmp_path / "r.yaml", perplexity_recipe(tmp_path, tiny_model_dir, docs_file)), "--overwrite")
+    assert result.exit_code == 2 and "pretrain run" in result.output
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]
