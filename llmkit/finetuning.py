@@ -430,10 +430,9 @@ def check_lora_available(recipe: FinetuneRecipe) -> None:
             raise RecipeError("lora.load_in_4bit: QLoRA needs bitsandbytes; pip install bitsandbytes") from None
 
 
-def load_model(recipe: FinetuneRecipe, tokenizer):
-    """The base model from model.path (float32 master weights unless model.dtype says otherwise)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(recipe: FinetuneRecipe, tokenizer=None):
+    """The model config from model.path with model.* overrides, checked against data.seq_len and the tokenizer."""
+    from transformers import AutoConfig
 
     local = _local_path(recipe.model.path)
     name = str(local.resolve()) if local is not None else recipe.model.path
@@ -450,6 +449,18 @@ def load_model(recipe: FinetuneRecipe, tokenizer):
         raise RecipeError(
             f"data.seq_len ({recipe.data.seq_len}) is longer than the model's max_position_embeddings ({max_positions}); lower it"
         )
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if tokenizer is not None and vocab is not None:
+        check_vocab(recipe, tokenizer, vocab)
+    return config, name
+
+
+def load_model(recipe: FinetuneRecipe, tokenizer):
+    """The base model from model.path (float32 master weights unless model.dtype says otherwise)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, name = load_config(recipe, tokenizer)
     kwargs: dict[str, Any] = {"config": config, "dtype": getattr(torch, recipe.model.dtype)}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
@@ -700,6 +711,7 @@ def finetune(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
     check_records(recipe, train)
     check_records(recipe, validation)
     resolve_task(recipe, train, validation)  # labels are part of the recipe resume compares against
+    load_config(recipe, tokenizer)
     checkpoints.check_run_dir(recipe, overwrite=overwrite)
 
     # 2. Tokenize (cached) and report what did not fit.
@@ -741,6 +753,7 @@ def prepare(recipe: FinetuneRecipe) -> SFTData:
     """`llmkit data prepare` for a finetune recipe: check and tokenize the records into the cache."""
     _validate_recipe(recipe)
     tokenizer = load_tokenizer(recipe)
+    load_config(recipe, tokenizer)
     sft, _ = _prepare_data(recipe, tokenizer)
     print(("cached: " if sft.cached else "tokenized: ") + sft.train_stats.line("train"))
     if sft.validation:
