@@ -75,10 +75,16 @@ BUILTIN_LAYOUT = 1
 
 def iter_records(sources: Sources, max_samples: int | None = None) -> Iterator[dict]:
     """Stream the records of all sources in order, at most `max_samples` of them."""
-    count = 0
-    for _, record in _iter_located(_normalise(sources)):
-        count += 1
+    for _, record in iter_located_records(sources, max_samples):
         yield record
+
+
+def iter_located_records(sources: Sources, max_samples: int | None = None) -> Iterator[tuple[str, dict]]:
+    """Stream (where, record) pairs; `where` names the file and line (or row, item, part) for error messages."""
+    count = 0
+    for where, record in _iter_located(_normalise(sources)):
+        count += 1
+        yield where, record
         if max_samples is not None and count >= max_samples:
             return  # before reading further: a capped read never touches the rest of the corpus
     if count == 0:

@@ -280,3 +280,10 @@ def test_hub_load_failure_is_one_line(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", missing)
     message = _error("hub:nobody/nothing")
     assert "hub:nobody/nothing: cannot load the dataset (FileNotFoundError" in message
+
+
+def test_located_records_name_file_and_line(tmp_path):
+    from llmkit.sources import iter_located_records
+
+    path = write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    assert [where for where, _ in iter_located_records(str(path))] == [f"{path}:1", f"{path}:2"]
