@@ -38,13 +38,13 @@ import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from llmkit.errors import DataError, did_you_mean
 from llmkit.recipes import HubSource
 
-SourceLike = Union[str, Path, HubSource, dict]
-Sources = Union[SourceLike, Iterable[SourceLike]]
+SourceLike = str | Path | HubSource | dict
+Sources = SourceLike | Iterable[SourceLike]
 
 TEXT_CHUNK_CHARS = 1 << 20
 """Text files are cut into documents of about this many characters, at a line boundary."""

@@ -424,9 +424,9 @@ def measure(tokenizer, docs: list[str]) -> dict:
     tokens = sum(len(e.ids) for e in encodings)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     words = sum(len(d.split()) for d in docs)
-    exact = sum(out == doc for out, doc in zip(decoded, docs))
-    normalized = sum(out == (normalizer.normalize_str(doc) if normalizer else doc) for out, doc in zip(decoded, docs))
-    same_words = sum(out.split() == doc.split() for out, doc in zip(decoded, docs))
+    exact = sum(out == doc for out, doc in zip(decoded, docs, strict=True))
+    normalized = sum(out == (normalizer.normalize_str(doc) if normalizer else doc) for out, doc in zip(decoded, docs, strict=True))
+    same_words = sum(out.split() == doc.split() for out, doc in zip(decoded, docs, strict=True))
     unk_id = tokenizer.model.unk_token if hasattr(tokenizer.model, "unk_token") else None
     unk = tokenizer.token_to_id(unk_id) if isinstance(unk_id, str) else None
     return {
@@ -471,7 +471,8 @@ def format_report(report: dict, output_dir: Path) -> str:
             f"  held-out sample   {held['docs']:,} documents, {held['bytes'] / 1e6:,.2f} MB ({held['source']})",
             f"  tokens per byte   {held['tokens_per_byte']:.4f}   tokens per word {held['tokens_per_word']}",
             f"  round-trip        {held['roundtrip_exact']:.1%} of held-out documents exact"
-            f" ({held['roundtrip_exact_after_normalization']:.1%} after normalization)",
+            f" ({held['roundtrip_exact_after_normalization']:.1%} after normalization,"
+            f" {held['roundtrip_same_words']:.1%} with the same words)",
         ]
     verdict = "round-trips exactly" if mixed["exact"] else (
         "round-trips exactly after normalization" if mixed["exact_after_normalization"] else "does NOT round-trip"
