@@ -13,7 +13,8 @@ The three models and what round-trips:
   == x for any Unicode text when normalization is 'none' and lowercase is off.
 - unigram: SentencePiece-style Metaspace pieces plus 256 byte-fallback pieces, so characters never
   seen in training still round-trip; spaces, tabs, newlines and runs of them are kept. Only a literal
-  U+2581 ('▁') in the input comes back as a space.
+  U+2581 ('▁') in the input comes back as a space. tokenizers' Unigram trainer has no
+  min_frequency, so that key does not apply to it.
 - wordpiece: BERT-style; splitting on whitespace and punctuation loses the exact spacing by design.
 
 The report measures all of this on a held-out sample and on a fixed mixed-script string.
