@@ -419,16 +419,9 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 def _located_records(recipe: EvalRecipe) -> list[tuple[str, dict]]:
     """(where, record) pairs of data.test, `where` naming file and line for error messages."""
-    from llmkit import sources
+    from llmkit.sources import iter_located_records
 
-    located = []
-    for where, record in sources._iter_located(sources._normalise(recipe.data.test)):
-        located.append((where, record))
-        if recipe.data.max_samples is not None and len(located) >= recipe.data.max_samples:
-            break
-    if not located:
-        raise DataError(f"data.test: {sources.describe(recipe.data.test)} holds no records")
-    return located
+    return list(iter_located_records(recipe.data.test, max_samples=recipe.data.max_samples))
 
 
 def _task_with_labels(task: TaskSpec, records: list[dict]) -> TaskSpec:
