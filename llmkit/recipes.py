@@ -79,7 +79,9 @@ class TokenizerSpec(Section):
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens, description="Special tokens.")
     add_bos: bool = Field(True, description="Prepend the BOS token when encoding text.")
     lowercase: bool = Field(False, description="Lowercase text before tokenizing.")
-    normalization: Literal["none", "nfc", "nfkc"] = Field("nfc", description="Unicode normalization.")
+    normalization: Literal["none", "nfc", "nfkc"] = Field(
+        "none", description="Unicode normalization (none keeps byte-level BPE round-trips exact)."
+    )
     chat_template: str | None = Field(
         None, description="Jinja chat template; 'default' installs llmkit's built-in template."
     )
@@ -441,11 +443,16 @@ def resolve_recipe_path(name_or_path: str | Path, stage: str | None = None) -> P
     for candidate in ([f"{stage}/{name}"] if stage else []) + [name]:
         if (root / f"{candidate}.yaml").is_file():
             return root / f"{candidate}.yaml"
-    names = bundled_names()
-    hint = did_you_mean(name, names + ([n.split("/", 1)[1] for n in names if n.startswith(f"{stage}/")] if stage else []))
+    # Suggest within the named stage ('pretrain/tinny' -> 'pretrain/tiny'), so a shared
+    # 'pretrain/' prefix alone never makes an unrelated recipe look close.
+    query_stage, _, query_stem = name.rpartition("/")
+    query_stage = query_stage or stage
+    same_stage = [n for n in bundled_names() if query_stage is None or n.startswith(f"{query_stage}/")]
+    stems = {n.rpartition("/")[2]: n for n in same_stage}
+    close = difflib.get_close_matches(query_stem, list(stems), n=1, cutoff=0.6)
+    hint = f"; did you mean '{stems[close[0]]}'?" if close else ""
     raise RecipeError(
-        f"{name_or_path}: no such recipe file or bundled recipe{hint or ''}"
-        f"{'' if hint else '; run `llmkit recipes list` to see the bundled ones'}"
+        f"{name_or_path}: no such recipe file or bundled recipe{hint}; `llmkit recipes list` shows the bundled ones"
     )
 
 

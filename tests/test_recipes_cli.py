@@ -112,7 +112,7 @@ def test_recipes_list_show_copy(tmp_path):
 def test_bundled_name_resolves_with_or_without_stage(tmp_path):
     by_stage = load_recipe("tiny", stage="pretrain")
     assert by_stage == load_recipe("pretrain/tiny")
-    assert_clean_error(run("validate", "pretrain/does-not-exist"), "pretrain/does-not-exist", "recipes list")
+    assert_clean_error(run("validate", "pretrain/zzqqxx"), "pretrain/zzqqxx", "recipes list")
 
 
 def test_wheel_ships_recipes_and_metric(tmp_path):
