@@ -50,11 +50,16 @@ def build_model(workdir: Path, vocab_size: int, hidden_size: int, layers: int, p
     tok.decoder = decoders.ByteLevel()
     specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(iter_texts(["builtin:pydoc/train"]), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
     tokenizer.save_pretrained(workdir)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -107,7 +112,9 @@ def guide_loop(model, token_ids, seq_len: int, stride: int, literal: bool) -> tu
     return nll_sum, n_tokens
 
 
-def bench_perplexity(model_dir: Path, repeats: int, seq_len: int, stride: int, batch_size: int, device: str) -> dict:
+def bench_perplexity(
+    model_dir: Path, repeats: int, seq_len: int, stride: int, batch_size: int, device: str
+) -> dict:
     import torch
 
     from llmkit.evaluation import perplexity
@@ -153,7 +160,9 @@ def bench_perplexity(model_dir: Path, repeats: int, seq_len: int, stride: int, b
 # ----------------------------------------------------------------------------------------------
 
 
-def bench_generation(model_dir: Path, repeats: int, examples: int, max_new_tokens: int, batch_size: int, device: str) -> dict:
+def bench_generation(
+    model_dir: Path, repeats: int, examples: int, max_new_tokens: int, batch_size: int, device: str
+) -> dict:
     from transformers import pipeline
 
     from llmkit.generation import generate_ids, load_model
@@ -177,14 +186,18 @@ def bench_generation(model_dir: Path, repeats: int, examples: int, max_new_token
         times["llmkit"].append(time.perf_counter() - t)
         t = time.perf_counter()
         outputs["pipeline"] = [
-            pipe(p, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False, pad_token_id=tokenizer.pad_token_id)[0][
-                "generated_text"
-            ]
+            pipe(
+                p,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                return_full_text=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0]["generated_text"]
             for p in prompts
         ]
         times["pipeline"].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    same = sum(a == b for a, b in zip(outputs["llmkit"], outputs["pipeline"]))
+    same = sum(a == b for a, b in zip(outputs["llmkit"], outputs["pipeline"], strict=False))
     return {
         "examples": len(prompts),
         "max_new_tokens": max_new_tokens,
@@ -227,7 +240,10 @@ def bench_rouge(repeats: int) -> dict:
         ours = per_example_scores(predictions, references)
         times["llmkit"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        theirs = [{k: v.fmeasure for k, v in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)]
+        theirs = [
+            {k: v.fmeasure for k, v in scorer.score(ref, pred).items()}
+            for pred, ref in zip(predictions, references, strict=False)
+        ]
         times["rouge_score"].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
@@ -249,7 +265,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--vocab-size", type=int, default=16384, help="BPE vocabulary of the benchmark model.")
+    parser.add_argument(
+        "--vocab-size", type=int, default=16384, help="BPE vocabulary of the benchmark model."
+    )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -266,17 +284,26 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
         + (f", {gpu}" if gpu else ""),
         "device": device,
-        "model": {"type": "llama", "vocab_size": args.vocab_size, "hidden_size": args.hidden_size, "layers": args.layers},
+        "model": {
+            "type": "llama",
+            "vocab_size": args.vocab_size,
+            "hidden_size": args.hidden_size,
+            "layers": args.layers,
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         if only & {"perplexity", "generation"}:
             build_model(model_dir, args.vocab_size, args.hidden_size, args.layers)
         if "perplexity" in only:
-            results["perplexity"] = bench_perplexity(model_dir, args.repeats, args.seq_len, args.stride, args.batch_size, device)
+            results["perplexity"] = bench_perplexity(
+                model_dir, args.repeats, args.seq_len, args.stride, args.batch_size, device
+            )
             print(json.dumps({"perplexity": results["perplexity"]}, indent=2), flush=True)
         if "generation" in only:
-            results["generation"] = bench_generation(model_dir, args.repeats, args.examples, args.max_new_tokens, args.batch_size, device)
+            results["generation"] = bench_generation(
+                model_dir, args.repeats, args.examples, args.max_new_tokens, args.batch_size, device
+            )
             print(json.dumps({"generation": results["generation"]}, indent=2), flush=True)
     if "rouge" in only:
         results["rouge"] = bench_rouge(args.repeats)

@@ -47,13 +47,13 @@ def _normalize(text: str) -> str:
 
 def exact_match_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
     """1.0 where prediction and reference are equal after collapsing whitespace, else 0.0."""
-    return [float(_normalize(p) == _normalize(r)) for p, r in zip(predictions, references)]
+    return [float(_normalize(p) == _normalize(r)) for p, r in zip(predictions, references, strict=True)]
 
 
 def accuracy_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
     """1.0 where the prediction's first line equals the label, ignoring case and surrounding whitespace."""
     out = []
-    for p, r in zip(predictions, references):
+    for p, r in zip(predictions, references, strict=True):
         first = str(p).strip().split("\n", 1)[0] if str(p).strip() else ""
         out.append(float(_normalize(first).casefold() == _normalize(r).casefold()))
     return out
@@ -141,7 +141,9 @@ def _forward_accepts(model, name: str) -> bool:
         return False
 
 
-def score_windows(model, token_ids: Sequence[Sequence[int]], windows, batch_size: int, pad_id: int = 0) -> float:
+def score_windows(
+    model, token_ids: Sequence[Sequence[int]], windows, batch_size: int, pad_id: int = 0
+) -> float:
     """Sum of NLL (float64) over the scored tokens of `windows` = [(doc, start, end, first), ...]."""
     import torch
     import torch.nn.functional as F
@@ -160,7 +162,11 @@ def score_windows(model, token_ids: Sequence[Sequence[int]], windows, batch_size
         last = batches[-1] if batches else None
         # A model that takes no position_ids would see shifted positions in a left-padded row,
         # so its batches hold windows of one width only.
-        if last is None or len(last) == batch_size or (not use_positions and last[0][2] - last[0][1] != width):
+        if (
+            last is None
+            or len(last) == batch_size
+            or (not use_positions and last[0][2] - last[0][1] != width)
+        ):
             batches.append([window])
         else:
             last.append(window)
@@ -222,7 +228,9 @@ def perplexity(
     if not mine:
         return totals
     token_ids = tokenizer(list(mine), add_special_tokens=True, verbose=False)["input_ids"]
-    windows = [(d, *w) for d, ids in enumerate(token_ids) for w in perplexity_windows(len(ids), seq_len, stride)]
+    windows = [
+        (d, *w) for d, ids in enumerate(token_ids) for w in perplexity_windows(len(ids), seq_len, stride)
+    ]
     totals.tokens = sum(end - first for _, _, end, first in windows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     totals.nll_sum = score_windows(model, token_ids, windows, batch_size, pad_id)
@@ -255,10 +263,14 @@ def reduce_totals(totals: NllTotals) -> NllTotals:
 
     state = _state()
     device = state.device if state.backend == "nccl" else "cpu"
-    packed = torch.tensor([totals.nll_sum, totals.tokens, totals.bytes, totals.documents], dtype=torch.float64, device=device)
+    packed = torch.tensor(
+        [totals.nll_sum, totals.tokens, totals.bytes, totals.documents], dtype=torch.float64, device=device
+    )
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     nll_sum, tokens, nbytes, docs = packed.tolist()
-    return NllTotals(nll_sum=nll_sum, tokens=int(round(tokens)), bytes=int(round(nbytes)), documents=int(round(docs)))
+    return NllTotals(
+        nll_sum=nll_sum, tokens=int(round(tokens)), bytes=int(round(nbytes)), documents=int(round(docs))
+    )
 
 
 def _gather_lists(items: list) -> list:
@@ -299,7 +311,9 @@ def _read_config(path: str, where: str):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{where}: cannot read the model config of {path} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(
+            f"{where}: cannot read the model config of {path} ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
@@ -314,7 +328,9 @@ def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
     try:
         loaded = load_recipe(run_recipe)
     except RecipeError as exc:
-        raise RecipeError(f"task: not set, and {run_recipe} does not load ({exc}); set task in the eval recipe") from None
+        raise RecipeError(
+            f"task: not set, and {run_recipe} does not load ({exc}); set task in the eval recipe"
+        ) from None
     task = getattr(loaded, "task", None)
     if loaded.stage != "finetune" or task is None:
         raise RecipeError(
@@ -338,7 +354,9 @@ def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
         try:
             import sacrebleu  # noqa: F401
         except ImportError:
-            raise RecipeError("metrics: bleu needs sacrebleu; pip install 'llmkit[bleu]' or drop bleu") from None
+            raise RecipeError(
+                "metrics: bleu needs sacrebleu; pip install 'llmkit[bleu]' or drop bleu"
+            ) from None
     plans = []
     for i, path in enumerate(paths):
         where = "model.path" if isinstance(recipe.model.path, str) else f"model.path[{i}]"
@@ -449,12 +467,17 @@ def generation_metrics(
     limit = max_positions(model.config)
     max_prompt = None if limit is None else max(1, limit - recipe.generation.max_new_tokens)
     mine = [(i, where, rec) for i, (where, rec) in enumerate(located) if i % world == rank]
-    formatted = [format_record(task, rec, tokenizer, max_prompt_tokens=max_prompt, where=where) for _, where, rec in mine]
+    formatted = [
+        format_record(task, rec, tokenizer, max_prompt_tokens=max_prompt, where=where)
+        for _, where, rec in mine
+    ]
     prompt_ids = [prompt_token_ids(tokenizer, f.prompt) for f in formatted]
-    texts = [t[0] for t in generate_ids(model, tokenizer, prompt_ids, recipe.generation, recipe.data.batch_size)]
+    texts = [
+        t[0] for t in generate_ids(model, tokenizer, prompt_ids, recipe.generation, recipe.data.batch_size)
+    ]
     rows = [
         {"id": i, "input": f.prompt, "reference": f.target, "prediction": text.strip()}
-        for (i, _, _), f, text in zip(mine, formatted, texts)
+        for (i, _, _), f, text in zip(mine, formatted, texts, strict=True)
     ]
     rows = sorted(_gather_lists(rows), key=lambda r: r["id"])
     predictions = [r["prediction"] for r in rows]
@@ -477,7 +500,9 @@ def generation_metrics(
         import sacrebleu
 
         metrics["bleu"], metrics["bleu_signature"] = bleu(predictions, references)
-        per_example["bleu"] = [float(sacrebleu.sentence_bleu(p, [r]).score) for p, r in zip(predictions, references)]
+        per_example["bleu"] = [
+            float(sacrebleu.sentence_bleu(p, [r]).score) for p, r in zip(predictions, references, strict=True)
+        ]
     for n, row in enumerate(rows):
         row["scores"] = {k: v[n] for k, v in per_example.items()}
     return metrics, rows
@@ -523,7 +548,9 @@ def _protocols(recipe: EvalRecipe, plan: ModelPlan, task: TaskSpec | None) -> di
             "seed": recipe.rouge.seed if recipe.rouge.bootstrap_samples else None,
         }
     if "accuracy" in recipe.metrics:
-        protocol["accuracy"] = "first generated line equals the label, ignoring case and surrounding whitespace"
+        protocol["accuracy"] = (
+            "first generated line equals the label, ignoring case and surrounding whitespace"
+        )
     if "exact_match" in recipe.metrics:
         protocol["exact_match"] = "prediction equals reference after collapsing whitespace"
     if "bleu" in recipe.metrics:
@@ -531,7 +558,9 @@ def _protocols(recipe: EvalRecipe, plan: ModelPlan, task: TaskSpec | None) -> di
     return protocol
 
 
-def evaluate_model(recipe: EvalRecipe, plan: ModelPlan, located: list[tuple[str, dict]] | None, log) -> tuple[dict, list[dict]]:
+def evaluate_model(
+    recipe: EvalRecipe, plan: ModelPlan, located: list[tuple[str, dict]] | None, log
+) -> tuple[dict, list[dict]]:
     """Load one checkpoint and compute every metric of the recipe: ({model, metrics, protocol}, predictions)."""
     import torch
 
@@ -544,7 +573,12 @@ def evaluate_model(recipe: EvalRecipe, plan: ModelPlan, located: list[tuple[str,
         device = _state().device
     started = time.perf_counter()
     model, tokenizer = load_model(
-        plan.path, recipe.tokenizer, recipe.model.dtype, recipe.model.attn_implementation, device=device, where=plan.where
+        plan.path,
+        recipe.tokenizer,
+        recipe.model.dtype,
+        recipe.model.attn_implementation,
+        device=device,
+        where=plan.where,
     )
     metrics: dict[str, Any] = {}
     rows: list[dict] = []
@@ -552,19 +586,30 @@ def evaluate_model(recipe: EvalRecipe, plan: ModelPlan, located: list[tuple[str,
     if plan.seq_len is not None:
         texts = list(iter_texts(recipe.data.test, recipe.data.text_field, recipe.data.max_samples))
         t0 = time.perf_counter()
-        totals = reduce_totals(perplexity(model, tokenizer, texts, plan.seq_len, plan.stride, recipe.data.batch_size))
+        totals = reduce_totals(
+            perplexity(model, tokenizer, texts, plan.seq_len, plan.stride, recipe.data.batch_size)
+        )
         ppl = totals.metrics()
         ppl["tokens_per_second"] = totals.tokens / max(time.perf_counter() - t0, 1e-9)
         metrics.update(ppl)
-        log(f"  perplexity {ppl['perplexity']:.4f}  bits/byte {ppl['bits_per_byte']:.4f}  ({ppl['tokens']:,} tokens, {ppl['documents']} documents)")
+        log(
+            f"  perplexity {ppl['perplexity']:.4f}  bits/byte {ppl['bits_per_byte']:.4f}  ({ppl['tokens']:,} tokens, {ppl['documents']} documents)"
+        )
     if plan.task is not None and located is not None:
         task = _task_with_labels(plan.task, [rec for _, rec in located])
         t0 = time.perf_counter()
         gen_metrics, rows = generation_metrics(model, tokenizer, recipe, task, located)
         gen_metrics["examples_per_second"] = len(rows) / max(time.perf_counter() - t0, 1e-9)
         metrics.update(gen_metrics)
-        shown = "  ".join(f"{k} {gen_metrics[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "accuracy", "exact_match") if k in gen_metrics)
-        log(f"  {shown}  ({len(rows)} examples)" + (f"  bleu {gen_metrics['bleu']:.2f}" if "bleu" in gen_metrics else ""))
+        shown = "  ".join(
+            f"{k} {gen_metrics[k]:.4f}"
+            for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "accuracy", "exact_match")
+            if k in gen_metrics
+        )
+        log(
+            f"  {shown}  ({len(rows)} examples)"
+            + (f"  bleu {gen_metrics['bleu']:.2f}" if "bleu" in gen_metrics else "")
+        )
     metrics["seconds"] = time.perf_counter() - started
     del model
     if torch.cuda.is_available():
@@ -607,10 +652,19 @@ def comparison(results: list[dict]) -> dict[str, Any]:
     for k in keys:
         if k in NOT_RANKED:
             continue
-        values = [(row[k], row["model"]) for row in rows if isinstance(row[k], (int, float)) and not math.isnan(row[k])]
+        values = [
+            (row[k], row["model"])
+            for row in rows
+            if isinstance(row[k], (int, float)) and not math.isnan(row[k])
+        ]
         if values:
             best[k] = (min(values) if k in LOWER_IS_BETTER else max(values))[1]
-    return {"metrics": keys, "models": rows, "best": best, "lower_is_better": sorted(LOWER_IS_BETTER & set(keys))}
+    return {
+        "metrics": keys,
+        "models": rows,
+        "best": best,
+        "lower_is_better": sorted(LOWER_IS_BETTER & set(keys)),
+    }
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -639,10 +693,20 @@ def comparison_table(table: dict[str, Any], markdown: bool = True) -> str:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(keys)) + "|"]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        note = "Best value per metric in bold; lower is better for " + (", ".join(table["lower_is_better"]) or "none") + "."
+        note = (
+            "Best value per metric in bold; lower is better for "
+            + (", ".join(table["lower_is_better"]) or "none")
+            + "."
+        )
         return "\n".join(lines) + "\n\n" + note + "\n"
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) for cells in [header, *body]]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        for cells in [header, *body]
+    ]
     return "\n".join(lines) + "\n(* best)"
 
 
@@ -684,7 +748,9 @@ def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     written = {"metrics.json", "recipe.yaml"}
     if all_rows:
-        _write_atomic(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rows))
+        _write_atomic(
+            out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rows)
+        )
         written.add("predictions.jsonl")
     summary: dict[str, Any]
     if len(results) == 1:
@@ -709,4 +775,3 @@ def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, An
                 typer.echo(f"{key:<20} {value:,}")
     log(f"wrote {out / 'metrics.json'}")
     return summary
-

@@ -19,7 +19,12 @@ from typing import Any
 from llmkit.errors import DataError, ModelError, RecipeError
 from llmkit.recipes import GenerationSpec
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 ADAPTER_FILES = ("adapter_config.json",)
 
@@ -39,21 +44,31 @@ def check_model_dir(path: str, where: str = "model.path", tokenizer: str | None 
     if not local.exists():
         if _looks_like_hub_id(path):
             return  # a hub id: from_pretrained reports what is wrong with it
-        raise ModelError(f"{where}: {path}: no such directory; give a checkpoint directory (a run's output_dir)")
+        raise ModelError(
+            f"{where}: {path}: no such directory; give a checkpoint directory (a run's output_dir)"
+        )
     if not local.is_dir():
         raise ModelError(f"{where}: {path}: is a file; give the checkpoint directory that holds config.json")
     names = {p.name for p in local.iterdir()}
     if "adapter_config.json" in names and "config.json" not in names:
         return  # a LoRA adapter directory: peft loads the base model it names
     if "config.json" not in names:
-        hint = " (it holds checkpoints/; the final model is written when training finishes)" if "checkpoints" in names else ""
-        raise ModelError(f"{where}: {path}: no config.json, so this is not a Hugging Face model directory{hint}")
+        hint = (
+            " (it holds checkpoints/; the final model is written when training finishes)"
+            if "checkpoints" in names
+            else ""
+        )
+        raise ModelError(
+            f"{where}: {path}: no config.json, so this is not a Hugging Face model directory{hint}"
+        )
     if not names.intersection(WEIGHT_FILES):
         raise ModelError(f"{where}: {path}: no model weights (model.safetensors or pytorch_model.bin)")
     tok_dir = Path(tokenizer).expanduser() if tokenizer else local
     if tok_dir.is_dir() and not {p.name for p in tok_dir.iterdir()}.intersection(TOKENIZER_FILES):
         key = "tokenizer" if tokenizer else where
-        raise ModelError(f"{key}: {tok_dir}: no tokenizer files (tokenizer.json); set `tokenizer:` to the tokenizer directory")
+        raise ModelError(
+            f"{key}: {tok_dir}: no tokenizer files (tokenizer.json); set `tokenizer:` to the tokenizer directory"
+        )
 
 
 def default_device() -> str:
@@ -74,7 +89,9 @@ def load_tokenizer(path: str, where: str = "tokenizer"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{where}: cannot load a tokenizer from {path} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(
+            f"{where}: cannot load a tokenizer from {path} ({str(exc).splitlines()[0]})"
+        ) from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -108,7 +125,9 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{where}: cannot load a causal LM from {path} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(
+            f"{where}: cannot load a causal LM from {path} ({str(exc).splitlines()[0]})"
+        ) from None
     model.to(device or default_device()).eval()
     tok = load_tokenizer(tokenizer or path, "tokenizer" if tokenizer else where)
     return model, tok
@@ -139,7 +158,9 @@ def generation_config(spec: GenerationSpec, tokenizer, num_return_sequences: int
         "repetition_penalty": spec.repetition_penalty,
         "num_return_sequences": num_return_sequences,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "use_cache": True,
     }
@@ -172,7 +193,9 @@ def stop_criteria(tokenizer, stop: Sequence[str], prompt_width: int):
             new = input_ids[:, prompt_width:]
             window = new[:, -tail:].tolist()
             texts = tokenizer.batch_decode(window, skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in stops) for t in texts], dtype=torch.bool, device=input_ids.device)
+            return torch.tensor(
+                [any(s in t for s in stops) for t in texts], dtype=torch.bool, device=input_ids.device
+            )
 
     return StoppingCriteriaList([StopOnStrings()]) if stops else None
 
@@ -269,9 +292,14 @@ def _decode(tokenizer, ids: list[int], stop: Sequence[str]) -> str:
     return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
 
 
-def generate_texts(model, tokenizer, prompts: list[str], spec: GenerationSpec, batch_size: int = 8) -> list[str]:
+def generate_texts(
+    model, tokenizer, prompts: list[str], spec: GenerationSpec, batch_size: int = 8
+) -> list[str]:
     """Continuations of `prompts` (batched, left-padded, KV cache, cut at EOS and stop strings), in order."""
-    return [texts[0] for texts in generate_ids(model, tokenizer, encode_prompts(tokenizer, prompts), spec, batch_size)]
+    return [
+        texts[0]
+        for texts in generate_ids(model, tokenizer, encode_prompts(tokenizer, prompts), spec, batch_size)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +331,10 @@ def _stop_aware_streamer(tokenizer, stop: Sequence[str], out):
                 self.pending = ""
             else:
                 # Hold back a tail that may be the start of a stop string.
-                hold = max((n for s in stop for n in range(len(s) - 1, 0, -1) if self.pending.endswith(s[:n])), default=0)
+                hold = max(
+                    (n for s in stop for n in range(len(s) - 1, 0, -1) if self.pending.endswith(s[:n])),
+                    default=0,
+                )
                 ready = len(self.pending) - hold
                 out.write(self.pending[:ready])
                 self.pending = self.pending[ready:]
@@ -383,7 +414,11 @@ def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool) -> list[str]:
 
     messages: list[dict] = []
     outputs: list[str] = []
-    typer.echo("interactive: type a prompt and press Enter; Ctrl-D or /exit quits" + ("; /reset clears the chat" if chat else ""), err=True)
+    typer.echo(
+        "interactive: type a prompt and press Enter; Ctrl-D or /exit quits"
+        + ("; /reset clears the chat" if chat else ""),
+        err=True,
+    )
     while True:
         try:
             line = input("> ")
@@ -433,7 +468,9 @@ def generate_command(
     if num_samples < 1:
         raise RecipeError(f"--num-samples must be >= 1, got {num_samples}")
     if num_samples > 1 and temperature == 0:
-        raise RecipeError("--num-samples > 1 with --temperature 0 repeats one greedy answer; set --temperature > 0")
+        raise RecipeError(
+            "--num-samples > 1 with --temperature 0 repeats one greedy answer; set --temperature > 0"
+        )
     if not 0 < top_p <= 1:
         raise RecipeError(f"--top-p must be in (0, 1], got {top_p}")
     check_model_dir(model, "MODEL")
@@ -474,7 +511,9 @@ def generate_command(
                     typer.echo(f"### prompt {i + 1}" + (f", sample {j + 1}" if num_samples > 1 else ""))
                 outputs.append(_stream_one(lm, tokenizer, ids, spec))
         return outputs
-    for i, texts in enumerate(generate_ids(lm, tokenizer, prompt_ids, spec, num_return_sequences=num_samples)):
+    for i, texts in enumerate(
+        generate_ids(lm, tokenizer, prompt_ids, spec, num_return_sequences=num_samples)
+    ):
         for j, text in enumerate(texts):
             if many:
                 typer.echo(f"### prompt {i + 1}" + (f", sample {j + 1}" if num_samples > 1 else ""))

@@ -1,6 +1,6 @@
 """`llmkit eval`: the perplexity protocol against an independent computation, outputs, comparisons, errors.
 
-    pytest tests/test_eval.py -x -q
+pytest tests/test_eval.py -x -q
 """
 
 from __future__ import annotations
@@ -124,7 +124,10 @@ def test_windows_score_every_token_once_with_enough_context():
 
 def test_perplexity_matches_independent_computation(tmp_path, tiny_model_dir, docs_file):
     seq_len, stride = 32, 12  # stride < seq_len, and the first document is many windows long
-    recipe = write_recipe(tmp_path / "r.yaml", perplexity_recipe(tmp_path, tiny_model_dir, docs_file, seq_len=seq_len, stride=stride, batch_size=5))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        perplexity_recipe(tmp_path, tiny_model_dir, docs_file, seq_len=seq_len, stride=stride, batch_size=5),
+    )
     result = run_eval(recipe)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -162,9 +165,15 @@ def test_default_window_is_model_positions_and_stride_half(tmp_path, tiny_model_
 
 def test_two_processes_reduce_sums(tmp_path, tiny_model_dir, docs_file):
     """accelerate launch with 2 CPU processes gives the single-process numbers (sums, not mean of means)."""
-    single = write_recipe(tmp_path / "one.yaml", perplexity_recipe(tmp_path / "a", tiny_model_dir, docs_file, seq_len=32, stride=12))
+    single = write_recipe(
+        tmp_path / "one.yaml",
+        perplexity_recipe(tmp_path / "a", tiny_model_dir, docs_file, seq_len=32, stride=12),
+    )
     assert run_eval(single).exit_code == 0
-    double = write_recipe(tmp_path / "two.yaml", perplexity_recipe(tmp_path / "b", tiny_model_dir, docs_file, seq_len=32, stride=12))
+    double = write_recipe(
+        tmp_path / "two.yaml",
+        perplexity_recipe(tmp_path / "b", tiny_model_dir, docs_file, seq_len=32, stride=12),
+    )
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmkit", "eval", str(double)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -198,7 +207,9 @@ def test_rouge_and_exact_match_write_predictions(tmp_path, tiny_model_dir, summa
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and metrics["examples"] == 3
     assert set(rows[0]) >= {"input", "reference", "prediction", "scores"}
-    assert rows[0]["input"].startswith("Summarize the following text.") and rows[0]["reference"] == "A cat sat."
+    assert (
+        rows[0]["input"].startswith("Summarize the following text.") and rows[0]["reference"] == "A cat sat."
+    )
     from llmkit.metrics.rouge import rouge_scores
 
     expected = rouge_scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
@@ -239,7 +250,10 @@ def test_several_checkpoints_give_a_comparison(tmp_path, tiny_model_dir, docs_fi
     model.save_pretrained(other)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, other / name)
-    recipe = write_recipe(tmp_path / "r.yaml", perplexity_recipe(tmp_path, [str(tiny_model_dir), str(other)], docs_file, seq_len=32))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        perplexity_recipe(tmp_path, [str(tiny_model_dir), str(other)], docs_file, seq_len=32),
+    )
     result = run_eval(recipe)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
@@ -254,7 +268,9 @@ def test_several_checkpoints_give_a_comparison(tmp_path, tiny_model_dir, docs_fi
 
 
 def test_output_dir_of_a_different_eval_is_refused_unless_overwrite(tmp_path, tiny_model_dir, docs_file):
-    recipe = write_recipe(tmp_path / "r.yaml", perplexity_recipe(tmp_path, tiny_model_dir, docs_file, seq_len=32))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", perplexity_recipe(tmp_path, tiny_model_dir, docs_file, seq_len=32)
+    )
     assert run_eval(recipe).exit_code == 0
     assert run_eval(recipe).exit_code == 0  # the same eval again is fine
     before = (tmp_path / "out" / "metrics.json").read_text()
@@ -280,7 +296,9 @@ def _fails(tmp_path: Path, recipe: dict, *needles: str, extra: tuple[str, ...] =
 
 
 def test_missing_model_directory(tmp_path, docs_file):
-    _fails(tmp_path, perplexity_recipe(tmp_path, tmp_path / "nope", docs_file), "model.path", "no such directory")
+    _fails(
+        tmp_path, perplexity_recipe(tmp_path, tmp_path / "nope", docs_file), "model.path", "no such directory"
+    )
 
 
 def test_model_directory_without_weights(tmp_path, tiny_model_dir, docs_file):
@@ -300,11 +318,18 @@ def test_data_without_the_reference_field(tmp_path, tiny_model_dir):
 
 
 def test_unknown_metric_suggests_the_closest(tmp_path, tiny_model_dir, docs_file):
-    _fails(tmp_path, {**perplexity_recipe(tmp_path, tiny_model_dir, docs_file), "metrics": ["rogue"]}, "metrics", "did you mean 'rouge'")
+    _fails(
+        tmp_path,
+        {**perplexity_recipe(tmp_path, tiny_model_dir, docs_file), "metrics": ["rogue"]},
+        "metrics",
+        "did you mean 'rouge'",
+    )
 
 
 def test_window_larger_than_model_positions(tmp_path, tiny_model_dir, docs_file):
-    _fails(tmp_path, perplexity_recipe(tmp_path, tiny_model_dir, docs_file, seq_len=512), "data.seq_len", "256")
+    _fails(
+        tmp_path, perplexity_recipe(tmp_path, tiny_model_dir, docs_file, seq_len=512), "data.seq_len", "256"
+    )
 
 
 def test_generation_metric_without_a_task(tmp_path, tiny_model_dir, summaries_file):
@@ -361,6 +386,9 @@ def test_a_training_run_directory_is_never_used_as_output(tmp_path, tiny_model_d
     run = tmp_path / "out"
     run.mkdir()
     write_recipe(run / "recipe.yaml", {"stage": "pretrain"})
-    result = run_eval(write_recipe(tmp_path / "r.yaml", perplexity_recipe(tmp_path, tiny_model_dir, docs_file)), "--overwrite")
+    result = run_eval(
+        write_recipe(tmp_path / "r.yaml", perplexity_recipe(tmp_path, tiny_model_dir, docs_file)),
+        "--overwrite",
+    )
     assert result.exit_code == 2 and "pretrain run" in result.output
     assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]

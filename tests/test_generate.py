@@ -1,6 +1,6 @@
 """Generation: batched left-padded decoding equals one-at-a-time, EOS and stop strings, `llmkit generate`.
 
-    pytest tests/test_generate.py -x -q
+pytest tests/test_generate.py -x -q
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from llmkit.generation import generate_texts, load_model
 from llmkit.recipes import GenerationSpec
 
 runner = CliRunner()
-PROMPTS = ["def add(a, b):", "The", "Summarize the following text.\n\nLists are mutable.\n\nSummary:\n", "x = 1"]
+PROMPTS = [
+    "def add(a, b):",
+    "The",
+    "Summarize the following text.\n\nLists are mutable.\n\nSummary:\n",
+    "x = 1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,10 @@ def test_stops_at_eos(tiny_model_dir):
     spec = GenerationSpec(max_new_tokens=8)
     ids = tokenizer(PROMPTS[0])["input_ids"]
     first = model.generate(
-        input_ids=__import__("torch").tensor([ids]), max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        input_ids=__import__("torch").tensor([ids]),
+        max_new_tokens=1,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
     )[0, -1].item()
     # Make the token the model produces first the EOS token: generation must end before it.
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first)
@@ -58,8 +66,12 @@ def test_stop_strings_cut_the_continuation(tiny):
 def test_sampling_is_seeded_and_beam_search_runs(tiny):
     model, tokenizer = tiny
     sample = GenerationSpec(max_new_tokens=8, do_sample=True, temperature=1.0, seed=3)
-    assert generate_texts(model, tokenizer, PROMPTS, sample) == generate_texts(model, tokenizer, PROMPTS, sample)
-    beams = generate_texts(model, tokenizer, PROMPTS, GenerationSpec(max_new_tokens=8, num_beams=3), batch_size=2)
+    assert generate_texts(model, tokenizer, PROMPTS, sample) == generate_texts(
+        model, tokenizer, PROMPTS, sample
+    )
+    beams = generate_texts(
+        model, tokenizer, PROMPTS, GenerationSpec(max_new_tokens=8, num_beams=3), batch_size=2
+    )
     assert len(beams) == len(PROMPTS)
 
 
@@ -67,18 +79,35 @@ def test_cli_greedy_matches_the_library_streaming_or_not(tiny_model_dir, tiny):
     model, tokenizer = tiny
     expected = generate_texts(model, tokenizer, ["The"], GenerationSpec(max_new_tokens=6))[0]
     for flag in ("--stream", "--no-stream"):
-        result = runner.invoke(app, ["generate", str(tiny_model_dir), "The", "--temperature", "0", "--max-new-tokens", "6", flag])
+        result = runner.invoke(
+            app, ["generate", str(tiny_model_dir), "The", "--temperature", "0", "--max-new-tokens", "6", flag]
+        )
         assert result.exit_code == 0, result.output
         assert result.stdout.rstrip("\n") == expected
 
 
 def test_cli_reads_prompts_from_stdin_and_file(tmp_path, tiny_model_dir):
-    result = runner.invoke(app, ["generate", str(tiny_model_dir), "--max-new-tokens", "3", "-n", "2"], input="one\n\ntwo\n")
+    result = runner.invoke(
+        app, ["generate", str(tiny_model_dir), "--max-new-tokens", "3", "-n", "2"], input="one\n\ntwo\n"
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("### prompt") == 4 and "### prompt 2, sample 2" in result.stdout
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\n")
-    result = runner.invoke(app, ["generate", str(tiny_model_dir), "--file", str(prompts), "--temperature", "0", "--max-new-tokens", "3", "--no-stream"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(tiny_model_dir),
+            "--file",
+            str(prompts),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "3",
+            "--no-stream",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("### prompt") == 3
 
@@ -95,7 +124,9 @@ def test_cli_chat_mode(tmp_path, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(chat_dir)
     tok.chat_template = DEFAULT_CHAT_TEMPLATE
     tok.save_pretrained(chat_dir)
-    result = runner.invoke(app, ["generate", str(chat_dir), "hi", "--chat", "--temperature", "0", "--max-new-tokens", "3"])
+    result = runner.invoke(
+        app, ["generate", str(chat_dir), "hi", "--chat", "--temperature", "0", "--max-new-tokens", "3"]
+    )
     assert result.exit_code == 0, result.output
 
 

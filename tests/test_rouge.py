@@ -1,6 +1,6 @@
 """ROUGE: identical to rouge_score with the stemmer, non-Latin scripts kept, the evaluate module offline.
 
-    pytest tests/test_rouge.py -x -q
+pytest tests/test_rouge.py -x -q
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def random_text(rnd: random.Random, multiline: bool) -> str:
 
 def reference_scores(predictions, references):
     scorer = rouge_scorer.RougeScorer(TYPES, use_stemmer=True)
-    return [{k: v.fmeasure for k, v in scorer.score(r, p).items()} for p, r in zip(predictions, references)]
+    return [
+        {k: v.fmeasure for k, v in scorer.score(r, p).items()}
+        for p, r in zip(predictions, references, strict=False)
+    ]
 
 
 def test_identical_to_rouge_score_on_random_text():
@@ -56,7 +59,13 @@ def test_accented_latin_text_is_scored_like_rouge_score():
 
 @pytest.mark.parametrize(
     "text",
-    ["这是一个测试句子。", "これは日本語の文です", "이것은 한국어 문장입니다", "Это русское предложение", "นี่คือประโยคภาษาไทย"],
+    [
+        "这是一个测试句子。",
+        "これは日本語の文です",
+        "이것은 한국어 문장입니다",
+        "Это русское предложение",
+        "นี่คือประโยคภาษาไทย",
+    ],
 )
 def test_identical_non_latin_strings_score_one(text):
     assert reference_scores([text], [text])[0]["rouge1"] == 0.0  # what rouge_score does
@@ -104,7 +113,9 @@ def test_bit_parallel_lcs_equals_dynamic_programming():
         table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
         for i in range(1, len(a) + 1):
             for j in range(1, len(b) + 1):
-                table[i][j] = table[i - 1][j - 1] + 1 if a[i - 1] == b[j - 1] else max(table[i - 1][j], table[i][j - 1])
+                table[i][j] = (
+                    table[i - 1][j - 1] + 1 if a[i - 1] == b[j - 1] else max(table[i - 1][j], table[i][j - 1])
+                )
         assert lcs_length(a, b) == table[-1][-1]
 
 
@@ -125,7 +136,9 @@ print(metric.compute(predictions=["x y"], references=[["x y", "z"]], use_aggrega
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
     }  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     aggregated = eval(lines[-2])  # noqa: S307 - our own printed dict

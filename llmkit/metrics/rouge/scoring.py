@@ -42,7 +42,7 @@ _UNICODE_TOKEN_RE = regex.compile(rf"[{_UNSPACED}]|(?:(?![{_UNSPACED}])[\p{{L}}\
 _NON_LATIN_LETTER_RE = regex.compile(r"(?!\p{Latin})\p{L}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _porter():
     from nltk.stem import porter
 
@@ -82,7 +82,7 @@ def _fmeasure(precision: float, recall: float) -> float:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tokens) if n == 1 else Counter(zip(*(tokens[i:] for i in range(n))))
+    return Counter(tokens) if n == 1 else Counter(zip(*(tokens[i:] for i in range(n)), strict=False))
 
 
 def _ngram_f(reference: list[str], prediction: list[str], n: int) -> float:
@@ -179,7 +179,9 @@ class RougeScorer:
     def __init__(self, rouge_types: Sequence[str] = ROUGE_TYPES, use_stemmer: bool = True):
         for rouge_type in rouge_types:
             if rouge_type not in ("rougeL", "rougeLsum") and not re.fullmatch(r"rouge[1-9]", rouge_type):
-                raise ValueError(f"unknown ROUGE type {rouge_type!r}; use rouge1..rouge9, rougeL or rougeLsum")
+                raise ValueError(
+                    f"unknown ROUGE type {rouge_type!r}; use rouge1..rouge9, rougeL or rougeLsum"
+                )
         self.rouge_types = tuple(rouge_types)
         self.use_stemmer = use_stemmer
 
@@ -203,7 +205,9 @@ class RougeScorer:
             elif rouge_type == "rougeLsum":
                 if "\n" not in reference and "\n" not in prediction:
                     # One sentence each: the union LCS is the LCS itself.
-                    result[rouge_type] = result["rougeL"] if "rougeL" in result else _lcs_f(ref_tokens, pred_tokens)
+                    result[rouge_type] = (
+                        result["rougeL"] if "rougeL" in result else _lcs_f(ref_tokens, pred_tokens)
+                    )
                 else:
                     result[rouge_type] = _summary_lcs_f(
                         [tokenize(s, self.use_stemmer, unicode) for s in _sentences(reference)],
@@ -224,7 +228,7 @@ def per_example_scores(
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     scorer = RougeScorer(rouge_types, use_stemmer)
-    return [scorer.score(p, r) for p, r in zip(predictions, references)]
+    return [scorer.score(p, r) for p, r in zip(predictions, references, strict=True)]
 
 
 def bootstrap_interval(
@@ -262,7 +266,9 @@ def aggregate(
     types = list(scores[0])
     result = {t: math.fsum(s[t] for s in scores) / len(scores) for t in types}
     if bootstrap_samples:
-        interval = bootstrap_interval({t: [s[t] for s in scores] for t in types}, bootstrap_samples, confidence, seed)
+        interval = bootstrap_interval(
+            {t: [s[t] for s in scores] for t in types}, bootstrap_samples, confidence, seed
+        )
         for t in types:
             result[f"{t}_low"], result[f"{t}_high"] = interval[t]
     return result
