@@ -156,10 +156,22 @@ def run_hf(model_dir: Path, sft, tokenizer, args, grouped: bool, run_dir: Path) 
         output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=1e-4,
         lr_scheduler_type="constant", weight_decay=0.0, logging_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, use_cpu=args.device == "cpu",
-        bf16=args.device == "cuda", train_sampling_strategy="group_by_length" if grouped else "random",
+        bf16=args.device == "cuda", **_sampling(grouped),
     )
     Trainer(model=model, args=targs, train_dataset=train, data_collator=stamps).train()
     return stamps.tokens_per_s(args.warmup, args.steps)
+
+
+def _sampling(grouped: bool) -> dict:
+    """Trainer's length-grouping switch: train_sampling_strategy in recent transformers, group_by_length before."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
 
 
 def throughput(args) -> dict:

@@ -62,16 +62,9 @@ LORA_HINT = "pip install 'llmkit[lora]'"
 
 def load_located_records(sources, max_samples: int | None = None) -> list[tuple[str, dict]]:
     """(where, record) pairs from data sources; `where` is file:line for local files, for error messages."""
-    from llmkit import sources as src
+    from llmkit.sources import iter_located_records
 
-    out: list[tuple[str, dict]] = []
-    for where, record in src._iter_located(src._normalise(sources)):
-        if max_samples is not None and len(out) >= max_samples:
-            break
-        out.append((where, record))
-    if not out:
-        raise DataError(f"{src.describe(sources)}: the sources hold no records")
-    return out
+    return list(iter_located_records(sources, max_samples=max_samples))
 
 
 def split_records(recipe: FinetuneRecipe) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
@@ -354,19 +347,39 @@ def enable_packing(model) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _local_path(path: str) -> Path | None:
-    """The local directory `path` names, None for a hub id; ModelError for a local path that does not exist."""
+def _local_path(path: str, key: str = "model.path") -> Path | None:
+    """The local directory `path` names, None for a hub id; ModelError for a local path that does not exist.
+
+    A missing "runs/pretrain-tiny" reads like a hub id "owner/name", so when the Hub cannot be
+    reached (HF_HUB_OFFLINE, or no DNS) it is reported at once as a missing directory instead of
+    after a minute of download retries.
+    """
     candidate = Path(path).expanduser()
     if candidate.exists():
         return candidate
     first = Path(path).parts[0] if Path(path).parts else path
     looks_local = path.startswith((".", "/", "~")) or Path(first).is_dir() or path.count("/") > 1
-    if looks_local:
+    if looks_local or not _hub_reachable():
         raise ModelError(
-            f"model.path: {path} does not exist; train it first (e.g. `llmkit pretrain pretrain/tiny`) "
-            "or point model.path at a checkpoint directory"
+            f"{key}: {path} does not exist{'' if looks_local else ' locally and the Hugging Face Hub is not reachable'}; "
+            "train it first (e.g. `llmkit pretrain pretrain/tiny`) or point it at a checkpoint directory"
         )
     return None
+
+
+def _hub_reachable() -> bool:
+    """False when hub downloads are switched off or the Hub's host does not resolve (a fast, local check)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def check_model_path(recipe: FinetuneRecipe) -> None:
@@ -386,11 +399,12 @@ def load_tokenizer(recipe: FinetuneRecipe):
     name = recipe.tokenizer or recipe.model.path
     key = "tokenizer" if recipe.tokenizer else "model.path"
     if recipe.tokenizer:
-        _local_path(recipe.tokenizer)
+        _local_path(recipe.tokenizer, key="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{key}: cannot load a tokenizer from {name} ({str(exc).splitlines()[0]})") from None
+        where = "" if Path(name).expanduser().exists() else " (not a local directory, so it was looked up on the Hugging Face Hub)"
+        raise ModelError(f"{key}: cannot load a tokenizer from {name}{where}: {str(exc).splitlines()[0]}") from None
     require_eos(tokenizer, key)
     if tokenizer.pad_token_id is None:
         # Padding positions carry label -100 and no attention, so any id works; EOS is always there.
@@ -552,8 +566,9 @@ def task_metric(recipe: FinetuneRecipe, tokenizer, validation: Sequence[tuple[st
 
         predictions = generate_texts(model, tokenizer, prompts, spec, batch_size=min(8, len(prompts)))
         if kind == "classification":
-            hits = [p.strip().splitlines()[0].strip() == r if p.strip() else False for p, r in zip(predictions, references)]
-            return {"accuracy": sum(hits) / len(hits)}
+            from llmkit.evaluation import accuracy  # the same scoring as `llmkit eval`
+
+            return {"accuracy": accuracy(predictions, references)}
         from llmkit.metrics.rouge import rouge_scores
 
         scores = rouge_scores(predictions, references)
