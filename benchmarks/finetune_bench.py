@@ -48,16 +48,25 @@ def build_tokenizer(out: Path, vocab_size: int) -> Path:
 
     from llmkit.sources import iter_texts
 
-    specials = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+    specials = {
+        "bos_token": "<|bos|>",
+        "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>",
+        "unk_token": "<|unk|>",
+    }
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(specials.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(specials.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(iter_texts("builtin:pydoc/train"), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))]
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **specials).save_pretrained(out)
     return out
 
@@ -70,10 +79,17 @@ def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int, seq_le
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 32 * 32,
-        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-        max_position_embeddings=seq_len, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 32 * 32,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=seq_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -83,19 +99,34 @@ def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int, seq_le
 def make_recipe(model_dir: Path, output_dir: Path, args, packing: bool, lora: bool = False):
     from llmkit.recipes import recipe_from_dict
 
-    return recipe_from_dict({
-        "stage": "finetune",
-        "output_dir": str(output_dir),
-        "model": {"path": str(model_dir), "attn_implementation": "sdpa"},
-        "task": {"type": "summarization"},
-        "data": {"train": "builtin:docsum/train", "seq_len": args.seq_len, "packing": packing, "group_by_length": True,
-                 "cache_dir": str(output_dir.parent / "cache")},
-        "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 1e-4, "schedule": "constant",
-                  "log_every": 1000, "save_every": 100000, "eval_every": 100000, "seed": 0,
-                  "mixed_precision": "bf16" if args.device == "cuda" else "no"},
-        "lora": {"enabled": lora, "r": 16, "alpha": 32, "dropout": 0.0},
-        "task_eval": {"samples": 0},
-    })
+    return recipe_from_dict(
+        {
+            "stage": "finetune",
+            "output_dir": str(output_dir),
+            "model": {"path": str(model_dir), "attn_implementation": "sdpa"},
+            "task": {"type": "summarization"},
+            "data": {
+                "train": "builtin:docsum/train",
+                "seq_len": args.seq_len,
+                "packing": packing,
+                "group_by_length": True,
+                "cache_dir": str(output_dir.parent / "cache"),
+            },
+            "train": {
+                "max_steps": args.steps,
+                "micro_batch_size": args.batch,
+                "lr": 1e-4,
+                "schedule": "constant",
+                "log_every": 1000,
+                "save_every": 100000,
+                "eval_every": 100000,
+                "seed": 0,
+                "mixed_precision": "bf16" if args.device == "cuda" else "no",
+            },
+            "lora": {"enabled": lora, "r": 16, "alpha": 32, "dropout": 0.0},
+            "task_eval": {"samples": 0},
+        }
+    )
 
 
 class Stamps:
@@ -151,12 +182,26 @@ def run_hf(model_dir: Path, sft, tokenizer, args, grouped: bool, run_dir: Path) 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     train = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in sft.train]
-    stamps = Stamps(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt"))
+    stamps = Stamps(
+        DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+    )
     targs = TrainingArguments(
-        output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=1e-4,
-        lr_scheduler_type="constant", weight_decay=0.0, logging_strategy="no", save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, use_cpu=args.device == "cpu",
-        bf16=args.device == "cuda", **_sampling(grouped),
+        output_dir=str(run_dir),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+        use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda",
+        **_sampling(grouped),
     )
     Trainer(model=model, args=targs, train_dataset=train, data_collator=stamps).train()
     return stamps.tokens_per_s(args.warmup, args.steps)
@@ -180,7 +225,9 @@ def throughput(args) -> dict:
     model_dir = build_model(work / "model", tokenizer_dir, args.hidden, args.layers, args.seq_len)
     sft, tokenizer = sft_examples(model_dir, args)
     real = sum(len(e["input_ids"]) for e in sft.train)
-    print(f"data: {sft.train_stats.line('train')}; mean example {real / len(sft.train):.0f} tokens", flush=True)
+    print(
+        f"data: {sft.train_stats.line('train')}; mean example {real / len(sft.train):.0f} tokens", flush=True
+    )
     sides = {
         "hf-padded": lambda d: run_hf(model_dir, sft, tokenizer, args, False, d),
         "hf-grouped": lambda d: run_hf(model_dir, sft, tokenizer, args, True, d),
@@ -207,7 +254,13 @@ def memory_worker(args) -> None:
 
     model_dir = Path(args.work) / "model-memory"
     sft, tokenizer = sft_examples(model_dir, args)
-    recipe = make_recipe(model_dir, Path(args.work) / f"mem-{args.memory_worker}", args, packing=True, lora=args.memory_worker == "lora")
+    recipe = make_recipe(
+        model_dir,
+        Path(args.work) / f"mem-{args.memory_worker}",
+        args,
+        packing=True,
+        lora=args.memory_worker == "lora",
+    )
     model = load_model(recipe, tokenizer)
     enable_packing(model)
     if recipe.lora.enabled:
@@ -220,12 +273,26 @@ def memory_worker(args) -> None:
     rss_before = _rss_bytes()
     sampler = PeakRss()
     with sampler:
-        fit(recipe, model, tokenizer, data, save_final=lora_saver(recipe) if recipe.lora.enabled else None, overwrite=True)
+        fit(
+            recipe,
+            model,
+            tokenizer,
+            data,
+            save_final=lora_saver(recipe) if recipe.lora.enabled else None,
+            overwrite=True,
+        )
     if args.device == "cuda":
-        growth, what = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated growth during fit"
+        growth, what = (
+            torch.cuda.max_memory_allocated() - before,
+            "torch.cuda.max_memory_allocated growth during fit",
+        )
     else:
         growth, what = sampler.peak - rss_before, "peak RSS growth during fit (sampled every 5 ms)"
-    print(json.dumps({"mode": args.memory_worker, "trainable": trainable, "growth_bytes": growth, "measure": what}))
+    print(
+        json.dumps(
+            {"mode": args.memory_worker, "trainable": trainable, "growth_bytes": growth, "measure": what}
+        )
+    )
 
 
 class PeakRss:
@@ -258,20 +325,44 @@ def _rss_bytes() -> int:
 def memory(args) -> dict:
     """Full fine-tuning vs LoRA, each in a fresh process, on a larger model (--memory-hidden/--memory-layers)."""
     work = Path(args.work)
-    tokenizer_dir = work / "tokenizer" if (work / "tokenizer").is_dir() else build_tokenizer(work / "tokenizer", args.vocab)
+    tokenizer_dir = (
+        work / "tokenizer"
+        if (work / "tokenizer").is_dir()
+        else build_tokenizer(work / "tokenizer", args.vocab)
+    )
     build_model(work / "model-memory", tokenizer_dir, args.memory_hidden, args.memory_layers, args.seq_len)
     out = {}
     for mode in ("full", "lora"):
-        cmd = [sys.executable, __file__, "--memory-worker", mode, "--work", args.work, "--device", args.device,
-               "--steps", str(args.memory_steps), "--batch", str(args.memory_batch), "--seq-len", str(args.memory_seq_len),
-               "--vocab", str(args.vocab)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-worker",
+            mode,
+            "--work",
+            args.work,
+            "--device",
+            args.device,
+            "--steps",
+            str(args.memory_steps),
+            "--batch",
+            str(args.memory_batch),
+            "--seq-len",
+            str(args.memory_seq_len),
+            "--vocab",
+            str(args.vocab),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"memory worker {mode} failed:\n{proc.stderr[-3000:]}")
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"memory {mode}: {out[mode]['growth_bytes'] / 2**20:.0f} MiB ({out[mode]['measure']}), "
-              f"{out[mode]['trainable']:,} trainable parameters", flush=True)
-    out["model"] = f"llama hidden {args.memory_hidden} x {args.memory_layers} layers, {args.memory_batch} packed rows of {args.memory_seq_len}"
+        print(
+            f"memory {mode}: {out[mode]['growth_bytes'] / 2**20:.0f} MiB ({out[mode]['measure']}), "
+            f"{out[mode]['trainable']:,} trainable parameters",
+            flush=True,
+        )
+    out["model"] = (
+        f"llama hidden {args.memory_hidden} x {args.memory_layers} layers, {args.memory_batch} packed rows of {args.memory_seq_len}"
+    )
     return out
 
 
@@ -287,9 +378,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--memory-steps", type=int, default=4)
-    parser.add_argument("--memory-hidden", type=int, default=768, help="hidden size of the memory-benchmark model")
+    parser.add_argument(
+        "--memory-hidden", type=int, default=768, help="hidden size of the memory-benchmark model"
+    )
     parser.add_argument("--memory-layers", type=int, default=8)
-    parser.add_argument("--memory-batch", type=int, default=2, help="packed rows per micro-batch in the memory runs")
+    parser.add_argument(
+        "--memory-batch", type=int, default=2, help="packed rows per micro-batch in the memory runs"
+    )
     parser.add_argument("--memory-seq-len", type=int, default=512, help="row length in the memory runs")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-only", action="store_true")
@@ -309,8 +404,11 @@ def main() -> None:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         import torch
 
-        print(f"device {args.device}, torch threads {torch.get_num_threads()}, model hidden {args.hidden} x {args.layers} layers, "
-              f"micro-batch {args.batch}, seq_len {args.seq_len}, {args.steps} steps ({args.warmup} warmup), {args.repeats} repeats", flush=True)
+        print(
+            f"device {args.device}, torch threads {torch.get_num_threads()}, model hidden {args.hidden} x {args.layers} layers, "
+            f"micro-batch {args.batch}, seq_len {args.seq_len}, {args.steps} steps ({args.warmup} warmup), {args.repeats} repeats",
+            flush=True,
+        )
         results = {"throughput": throughput(args)}
         base = results["throughput"]["hf-padded"]["median"]
         print("\n| side | median real tokens/s | vs hf-padded |\n|---|---|---|")

@@ -79,10 +79,14 @@ def split_records(recipe: FinetuneRecipe) -> tuple[list[tuple[str, dict]], list[
         return train, []
     held = max(1, round(len(train) * data.validation_fraction))
     if held >= len(train):
-        raise DataError(f"data.validation_fraction ({data.validation_fraction}) leaves no training records out of {len(train)}")
+        raise DataError(
+            f"data.validation_fraction ({data.validation_fraction}) leaves no training records out of {len(train)}"
+        )
     perm = np.random.default_rng(recipe.train.seed).permutation(len(train))
     val_idx = set(perm[:held].tolist())
-    return [r for i, r in enumerate(train) if i not in val_idx], [r for i, r in enumerate(train) if i in val_idx]
+    return [r for i, r in enumerate(train) if i not in val_idx], [
+        r for i, r in enumerate(train) if i in val_idx
+    ]
 
 
 def check_records(recipe: FinetuneRecipe, records: Sequence[tuple[str, dict]]) -> None:
@@ -91,7 +95,9 @@ def check_records(recipe: FinetuneRecipe, records: Sequence[tuple[str, dict]]) -
         check_record(recipe.task, record, where)
 
 
-def resolve_task(recipe: FinetuneRecipe, train: Sequence[tuple[str, dict]], validation: Sequence[tuple[str, dict]]) -> None:
+def resolve_task(
+    recipe: FinetuneRecipe, train: Sequence[tuple[str, dict]], validation: Sequence[tuple[str, dict]]
+) -> None:
     """Fill task.labels from the training data (classification), so recipe.yaml records the label set."""
     if recipe.task.type != "classification":
         return
@@ -141,7 +147,9 @@ class TokenizeStats:
         return text
 
 
-def tokenize_record(recipe: FinetuneRecipe, record: dict, tokenizer, where: str = "record") -> tuple[list[dict], int]:
+def tokenize_record(
+    recipe: FinetuneRecipe, record: dict, tokenizer, where: str = "record"
+) -> tuple[list[dict], int]:
     """Tokenize one record into training examples and the number of prompt tokens truncation cut.
 
     Returns ([], 0) when the target alone does not fit in data.seq_len. Every example's labels are
@@ -183,7 +191,9 @@ def tokenize_record(recipe: FinetuneRecipe, record: dict, tokenizer, where: str 
     return [{"input_ids": input_ids, "labels": labels}], formatted.truncated_tokens
 
 
-def tokenize_records(recipe: FinetuneRecipe, records: Sequence[tuple[str, dict]], tokenizer) -> tuple[list[dict], TokenizeStats]:
+def tokenize_records(
+    recipe: FinetuneRecipe, records: Sequence[tuple[str, dict]], tokenizer
+) -> tuple[list[dict], TokenizeStats]:
     """Tokenize (where, record) pairs; the stats count truncated prompts and records that did not fit."""
     stats = TokenizeStats(records=len(records))
     examples: list[dict] = []
@@ -388,7 +398,11 @@ def check_model_path(recipe: FinetuneRecipe) -> None:
     if local is None:
         return
     if not local.is_dir() or not (local / "config.json").is_file():
-        hint = " (the run has checkpoints but no final model yet; let it finish)" if (local / "checkpoints").is_dir() else ""
+        hint = (
+            " (the run has checkpoints but no final model yet; let it finish)"
+            if (local / "checkpoints").is_dir()
+            else ""
+        )
         raise ModelError(f"model.path: {local} is not a Hugging Face model directory (no config.json){hint}")
 
 
@@ -403,8 +417,14 @@ def load_tokenizer(recipe: FinetuneRecipe):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        where = "" if Path(name).expanduser().exists() else " (not a local directory, so it was looked up on the Hugging Face Hub)"
-        raise ModelError(f"{key}: cannot load a tokenizer from {name}{where}: {str(exc).splitlines()[0]}") from None
+        where = (
+            ""
+            if Path(name).expanduser().exists()
+            else " (not a local directory, so it was looked up on the Hugging Face Hub)"
+        )
+        raise ModelError(
+            f"{key}: cannot load a tokenizer from {name}{where}: {str(exc).splitlines()[0]}"
+        ) from None
     require_eos(tokenizer, key)
     if tokenizer.pad_token_id is None:
         # Padding positions carry label -100 and no attention, so any id works; EOS is always there.
@@ -437,11 +457,15 @@ def check_lora_available(recipe: FinetuneRecipe) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise RecipeError("lora.load_in_4bit: QLoRA needs a CUDA GPU; set lora.load_in_4bit=false to train LoRA in full precision")
+            raise RecipeError(
+                "lora.load_in_4bit: QLoRA needs a CUDA GPU; set lora.load_in_4bit=false to train LoRA in full precision"
+            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise RecipeError("lora.load_in_4bit: QLoRA needs bitsandbytes; pip install bitsandbytes") from None
+            raise RecipeError(
+                "lora.load_in_4bit: QLoRA needs bitsandbytes; pip install bitsandbytes"
+            ) from None
 
 
 def load_config(recipe: FinetuneRecipe, tokenizer=None):
@@ -453,17 +477,23 @@ def load_config(recipe: FinetuneRecipe, tokenizer=None):
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path: cannot load a model config from {recipe.model.path} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(
+            f"model.path: cannot load a model config from {recipe.model.path} ({str(exc).splitlines()[0]})"
+        ) from None
     for key, value in recipe.model.config_overrides.items():
         if not hasattr(config, key):
-            raise RecipeError(f"model.{key}: not a setting of the {config.model_type} config at {recipe.model.path}")
+            raise RecipeError(
+                f"model.{key}: not a setting of the {config.model_type} config at {recipe.model.path}"
+            )
         setattr(config, key, value)
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None and recipe.data.seq_len > max_positions:
         raise RecipeError(
             f"data.seq_len ({recipe.data.seq_len}) is longer than the model's max_position_embeddings ({max_positions}); lower it"
         )
-    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    vocab = getattr(config, "vocab_size", None) or getattr(
+        getattr(config, "text_config", None), "vocab_size", None
+    )
     if tokenizer is not None and vocab is not None:
         check_vocab(recipe, tokenizer, vocab)
     return config, name
@@ -483,12 +513,17 @@ def load_model(recipe: FinetuneRecipe, tokenizer):
 
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path: cannot load a causal LM from {recipe.model.path} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(
+            f"model.path: cannot load a causal LM from {recipe.model.path} ({str(exc).splitlines()[0]})"
+        ) from None
     check_vocab(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     return model
 
@@ -499,7 +534,9 @@ def apply_lora(model, recipe: FinetuneRecipe):
 
     spec = recipe.lora
     if spec.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
+        )
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -668,13 +705,21 @@ def build_train_data(recipe: FinetuneRecipe, sft: SFTData, tokenizer, packing: b
     if packing:
         rows = pack_examples(sft.train, recipe.data.seq_len)
         collate = packed_collate(pad_id)
-        order = grouped_batch_order([len(r["input_ids"]) for r in rows]) if recipe.data.group_by_length else shuffled_batch_order(len(rows))
+        order = (
+            grouped_batch_order([len(r["input_ids"]) for r in rows])
+            if recipe.data.group_by_length
+            else shuffled_batch_order(len(rows))
+        )
         train = rows
         layout = f"{len(rows):,} packed rows of <= {recipe.data.seq_len} tokens"
     else:
         train = sft.train
         collate = padded_collate(pad_id)
-        order = grouped_batch_order([len(e["input_ids"]) for e in train]) if recipe.data.group_by_length else shuffled_batch_order(len(train))
+        order = (
+            grouped_batch_order([len(e["input_ids"]) for e in train])
+            if recipe.data.group_by_length
+            else shuffled_batch_order(len(train))
+        )
         layout = "length-grouped batches" if recipe.data.group_by_length else "shuffled batches"
     description = f"{sft.train_stats.line('train')}; {layout}"
     if sft.validation:
@@ -818,7 +863,9 @@ def inspect_command(recipe: FinetuneRecipe, num_examples: int = 3) -> None:
         examples, cut = tokenize_record(recipe, record, tokenizer, where)
         print(f"\n--- {where}")
         if not examples:
-            print("(does not fit in data.seq_len: the target alone is too long; it would be skipped and counted)")
+            print(
+                "(does not fit in data.seq_len: the target alone is too long; it would be skipped and counted)"
+            )
             continue
         for example in examples:
             trained = sum(1 for x in example["labels"] if x != IGNORE_INDEX)

@@ -75,7 +75,9 @@ def task_defaults(task: TaskSpec) -> TaskSpec:
     """A copy of `task` with the task's default prompt_template and target_field filled in."""
     template, target = _DEFAULTS[task.type]
     if task.type == "text":
-        return task.model_copy(update={"prompt_template": None, "target_field": task.target_field or task.text_field})
+        return task.model_copy(
+            update={"prompt_template": None, "target_field": task.target_field or task.text_field}
+        )
     return task.model_copy(
         update={
             "prompt_template": task.prompt_template if task.prompt_template is not None else template,
@@ -95,10 +97,14 @@ def template_fields(template: str, key: str = "task.prompt_template") -> list[st
         if name is None:
             continue
         if name == "" or name.isdigit():
-            raise RecipeError(f"{key}: placeholders must name a record field, e.g. {{document}}; found '{{{name}}}'")
+            raise RecipeError(
+                f"{key}: placeholders must name a record field, e.g. {{document}}; found '{{{name}}}'"
+            )
         if any(ch in name for ch in ".[") or spec or conversion:
             written = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-            raise RecipeError(f"{key}: placeholder '{{{written}}}' must be a plain field name, e.g. {{document}}")
+            raise RecipeError(
+                f"{key}: placeholder '{{{written}}}' must be a plain field name, e.g. {{document}}"
+            )
         if name not in _RESERVED and name not in fields:
             fields.append(name)
     return fields
@@ -117,19 +123,26 @@ def required_fields(task: TaskSpec, record: dict | None = None) -> list[str]:
 def check_record(task: TaskSpec, record: Any, where: str) -> None:
     """DataError naming `where` (file:line) when a record lacks a field the task needs or has an empty target."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object (a record with fields), got {type(record).__name__}")
+        raise DataError(
+            f"{where}: expected a JSON object (a record with fields), got {type(record).__name__}"
+        )
     task = task_defaults(task)
     for field in required_fields(task, record):
         if field not in record:
             role = "target_field" if field == task.target_field else "a prompt_template placeholder"
-            fix = did_you_mean(field, record.keys()) or f"; the record has: {', '.join(map(str, record)) or 'no fields'}"
+            fix = (
+                did_you_mean(field, record.keys())
+                or f"; the record has: {', '.join(map(str, record)) or 'no fields'}"
+            )
             raise DataError(f"{where}: record lacks field '{field}' ({role} of the {task.type} task){fix}")
     if task.type == "instruction" and task.messages_field in record:
         _check_messages(record[task.messages_field], where, task.messages_field)
         return
     target = record[task.target_field]
     if target is None or not str(target).strip():
-        raise DataError(f"{where}: empty target in field '{task.target_field}'; remove the record or fill the field")
+        raise DataError(
+            f"{where}: empty target in field '{task.target_field}'; remove the record or fill the field"
+        )
 
 
 def _check_messages(messages: Any, where: str, field: str) -> None:
@@ -140,7 +153,9 @@ def _check_messages(messages: Any, where: str, field: str) -> None:
             raise DataError(f"{where}: {field}[{i}] must be a mapping with 'role' and 'content'")
     last = messages[-1]
     if last["role"] != "assistant":
-        raise DataError(f"{where}: the last message of '{field}' must be the assistant's reply (the target), got role '{last['role']}'")
+        raise DataError(
+            f"{where}: the last message of '{field}' must be the assistant's reply (the target), got role '{last['role']}'"
+        )
     if not str(last["content"] or "").strip():
         raise DataError(f"{where}: empty target: the final assistant message of '{field}' has no content")
 
@@ -152,7 +167,9 @@ def label_set(task: TaskSpec, records: Iterable[dict]) -> list[str]:
     field = task_defaults(task).target_field
     labels = sorted({str(r[field]).strip() for r in records if field in r and str(r[field]).strip()})
     if len(labels) < 2:
-        raise DataError(f"classification needs at least 2 distinct labels in field '{field}', found {labels or 'none'}")
+        raise DataError(
+            f"classification needs at least 2 distinct labels in field '{field}', found {labels or 'none'}"
+        )
     return labels
 
 
@@ -164,7 +181,9 @@ def ensure_chat_template(tokenizer) -> bool:
     return True
 
 
-def format_example(task: TaskSpec, record: dict, tokenizer, max_prompt_tokens: int | None = None) -> tuple[str, str]:
+def format_example(
+    task: TaskSpec, record: dict, tokenizer, max_prompt_tokens: int | None = None
+) -> tuple[str, str]:
     """(prompt, target) text for one record exactly as training sees it (target without EOS).
 
     `max_prompt_tokens` shortens the longest prompt field so the tokenized prompt fits, like
@@ -187,9 +206,15 @@ def format_record(
     values = {name: str(record[name]) for name in template_fields(task.prompt_template)}
     if "labels" in {f for _, f, _, _ in string.Formatter().parse(task.prompt_template) if f}:
         if not task.labels:
-            raise RecipeError("task.labels: the prompt template uses {labels} but no label set is known; list the labels")
+            raise RecipeError(
+                "task.labels: the prompt template uses {labels} but no label set is known; list the labels"
+            )
         values["labels"] = ", ".join(task.labels)
-    target = str(record[task.target_field]).strip() if task.type == "classification" else str(record[task.target_field])
+    target = (
+        str(record[task.target_field]).strip()
+        if task.type == "classification"
+        else str(record[task.target_field])
+    )
     if task.type == "instruction":
         ensure_chat_template(tokenizer)
 
@@ -199,7 +224,13 @@ def format_record(
 
         prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens, skip={"labels"})
         return Formatted(prompt, target, cut)
-    prompt, cut = _fit(lambda vals: task.prompt_template.format(**vals), values, tokenizer, max_prompt_tokens, skip={"labels"})
+    prompt, cut = _fit(
+        lambda vals: task.prompt_template.format(**vals),
+        values,
+        tokenizer,
+        max_prompt_tokens,
+        skip={"labels"},
+    )
     return Formatted(prompt, target, cut)
 
 
@@ -273,7 +304,9 @@ def _fit(
         return prompt, 0
     candidates = [k for k in values if k not in skip]
     if not candidates:
-        raise PromptTooLong(f"the prompt ({length} tokens) does not fit in {max_prompt_tokens} tokens and has no field to shorten")
+        raise PromptTooLong(
+            f"the prompt ({length} tokens) does not fit in {max_prompt_tokens} tokens and has no field to shorten"
+        )
     field = max(candidates, key=lambda k: len(values[k]))
     field_ids = tokenizer(values[field], add_special_tokens=False, verbose=False)["input_ids"]
     keep = max(0, len(field_ids) - (length - max_prompt_tokens))
@@ -298,5 +331,7 @@ def require_eos(tokenizer, where: str = "tokenizer") -> int:
     """The EOS token id appended after every target; ModelError when the tokenizer has none."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ModelError(f"{where}: the tokenizer has no eos_token; fine-tuning appends EOS after every target so generation stops")
+        raise ModelError(
+            f"{where}: the tokenizer has no eos_token; fine-tuning appends EOS after every target so generation stops"
+        )
     return int(eos)

@@ -1,6 +1,6 @@
 """Fine-tuning end to end on a tiny random llama: every task learns, LoRA, resume, outputs, errors, inspect.
 
-    pytest tests/test_finetune.py -q
+pytest tests/test_finetune.py -q
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ runner = CliRunner()
 
 
 def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8"
+    )
     return path
 
 
@@ -28,15 +30,32 @@ def write_jsonl(path: Path, records: list) -> Path:
 def data_dir(tmp_path_factory) -> Path:
     """Hand-made task data: classification, instruction (prompt/response and chat), raw text."""
     out = tmp_path_factory.mktemp("ft-data")
-    words = {"positive": ["great", "lovely", "superb", "fine"], "negative": ["awful", "poor", "dreadful", "bad"]}
+    words = {
+        "positive": ["great", "lovely", "superb", "fine"],
+        "negative": ["awful", "poor", "dreadful", "bad"],
+    }
     cls = [
         {"text": f"The {thing} was {words[label][i % 4]} and {words[label][(i + 1) % 4]}.", "label": label}
-        for i, (thing, label) in enumerate((t, lab) for t in ("film", "meal", "book", "trip") for lab in ("positive", "negative") for _ in range(3))
+        for i, (thing, label) in enumerate(
+            (t, lab)
+            for t in ("film", "meal", "book", "trip")
+            for lab in ("positive", "negative")
+            for _ in range(3)
+        )
     ]
     write_jsonl(out / "cls.jsonl", cls)
-    inst = [{"prompt": f"Repeat the word {w} twice.", "response": f"{w} {w}"} for w in ("cat", "dog", "sun", "tree", "bird", "fish")]
+    inst = [
+        {"prompt": f"Repeat the word {w} twice.", "response": f"{w} {w}"}
+        for w in ("cat", "dog", "sun", "tree", "bird", "fish")
+    ]
     inst += [
-        {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]}
+        {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": str(a + b)},
+            ]
+        }
         for a, b in ((1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7))
     ]
     write_jsonl(out / "inst.jsonl", inst)
@@ -53,8 +72,14 @@ def make_recipe(tmp_path: Path, model_dir: Path, task: dict, source, steps: int 
         "task": task,
         "data": {"train": source, "seq_len": 64, "cache_dir": str(tmp_path / "cache"), "max_samples": 32},
         "train": {
-            "max_steps": steps, "micro_batch_size": 4, "lr": 5e-3, "schedule": "constant", "weight_decay": 0.0,
-            "log_every": 1, "eval_every": steps, "save_every": steps,
+            "max_steps": steps,
+            "micro_batch_size": 4,
+            "lr": 5e-3,
+            "schedule": "constant",
+            "weight_decay": 0.0,
+            "log_every": 1,
+            "eval_every": steps,
+            "save_every": steps,
         },
         "task_eval": {"samples": 4, "max_new_tokens": 6},
     }
@@ -64,7 +89,9 @@ def make_recipe(tmp_path: Path, model_dir: Path, task: dict, source, steps: int 
 
 
 def events(run: Path, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+    return [
+        e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind
+    ]
 
 
 def assert_loss_falls(run: Path) -> None:
@@ -88,7 +115,11 @@ def test_each_task_finetunes_and_loss_falls(name, tmp_path, tiny_model_dir, data
 
     task, train, metric = TASKS[name]
     source = train if train.startswith("builtin:") else str(data_dir / train)
-    recipe = recipe_from_dict(make_recipe(tmp_path, tiny_model_dir, task, source, data={"validation": source, "packing": name != "text"}))
+    recipe = recipe_from_dict(
+        make_recipe(
+            tmp_path, tiny_model_dir, task, source, data={"validation": source, "packing": name != "text"}
+        )
+    )
     finetune(recipe)
     run = tmp_path / "run"
     assert_loss_falls(run)
@@ -110,9 +141,15 @@ def test_lora_trains_only_adapters_and_merged_equals_base_plus_adapter(tmp_path,
     from transformers import AutoModelForCausalLM
 
     recipe = recipe_from_dict(
-        make_recipe(tmp_path, tiny_model_dir, {"type": "instruction"}, str(data_dir / "inst.jsonl"),
-                    lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0, "merge": True}, task_eval={"samples": 0},
-                    train={"lr": 2e-2, "max_steps": 16})
+        make_recipe(
+            tmp_path,
+            tiny_model_dir,
+            {"type": "instruction"},
+            str(data_dir / "inst.jsonl"),
+            lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0, "merge": True},
+            task_eval={"samples": 0},
+            train={"lr": 2e-2, "max_steps": 16},
+        )
     )
     finetune(recipe)
     run = tmp_path / "run"
@@ -129,7 +166,11 @@ def test_lora_trains_only_adapters_and_merged_equals_base_plus_adapter(tmp_path,
     ids = torch.tensor([[0, 40, 41, 42, 43, 44, 45]])
     with torch.no_grad():
         expected, got = with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        plain = (
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+            .eval()(input_ids=ids)
+            .logits
+        )
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-4)
     # The task loss falls: base vs merged model on the same tokenized training examples (LoRA on a
@@ -145,7 +186,11 @@ def test_lora_trains_only_adapters_and_merged_equals_base_plus_adapter(tmp_path,
         base_loss = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(**batch).loss
         tuned_loss = merged(**batch).loss
     assert tuned_loss < base_loss - 0.1, (float(base_loss), float(tuned_loss))
-    assert all(torch.equal(v, with_adapter.get_base_model().state_dict()[k]) for k, v in base_state.items() if k in with_adapter.get_base_model().state_dict())
+    assert all(
+        torch.equal(v, with_adapter.get_base_model().state_dict()[k])
+        for k, v in base_state.items()
+        if k in with_adapter.get_base_model().state_dict()
+    )
     # The adapter directory alone also loads through transformers' peft integration.
     assert AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32) is not None
 
@@ -154,8 +199,16 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_model_dir, data_dir):
     from safetensors.torch import load_file
 
     def run(out: Path, steps: int, packing: bool = True) -> Path:
-        raw = make_recipe(out, tiny_model_dir, {"type": "classification"}, str(data_dir / "cls.jsonl"), steps=steps,
-                          data={"packing": packing}, train={"save_every": 3}, task_eval={"samples": 0})
+        raw = make_recipe(
+            out,
+            tiny_model_dir,
+            {"type": "classification"},
+            str(data_dir / "cls.jsonl"),
+            steps=steps,
+            data={"packing": packing},
+            train={"save_every": 3},
+            task_eval={"samples": 0},
+        )
         finetune(recipe_from_dict(raw))
         return out / "run"
 
@@ -182,7 +235,16 @@ def run_cli(tmp_path: Path, recipe: dict, *args: str):
 
 @pytest.mark.parametrize(
     "case",
-    ["not_json", "missing_field", "empty_target", "template_field", "missing_model", "tokenizer_mismatch", "qlora_cpu", "bad_template"],
+    [
+        "not_json",
+        "missing_field",
+        "empty_target",
+        "template_field",
+        "missing_model",
+        "tokenizer_mismatch",
+        "qlora_cpu",
+        "bad_template",
+    ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(case, tmp_path, tiny_model_dir, tokenizer_dir):
     data = tmp_path / "data.jsonl"
@@ -239,7 +301,9 @@ def test_lora_without_peft_names_the_extra(tmp_path, tiny_model_dir, monkeypatch
 
     monkeypatch.setattr(builtins, "__import__", no_peft)
     data = write_jsonl(tmp_path / "d.jsonl", [{"document": "a", "summary": "b"}])
-    recipe = make_recipe(tmp_path, tiny_model_dir, {"type": "summarization"}, str(data), lora={"enabled": True})
+    recipe = make_recipe(
+        tmp_path, tiny_model_dir, {"type": "summarization"}, str(data), lora={"enabled": True}
+    )
     result = run_cli(tmp_path, recipe, "finetune")
     assert result.exit_code == 2 and "pip install 'llmkit[lora]'" in result.output
 

@@ -1,6 +1,6 @@
 """Task formatters, loss masks, length grouping and packing on hand-made records (no training).
 
-    pytest tests/test_tasks.py -q
+pytest tests/test_tasks.py -q
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 from llmkit.errors import DataError, RecipeError
 from llmkit.finetuning import (
     IGNORE_INDEX,
+    enable_packing,
     grouped_batch_order,
     pack_examples,
     packed_collate,
-    enable_packing,
     padded_collate,
     render_mask,
     tokenize_record,
@@ -68,12 +68,16 @@ def test_task_defaults_fill_template_and_target():
     assert task_defaults(TaskSpec(type="classification")).target_field == "label"
     assert task_defaults(TaskSpec(type="instruction")).target_field == "response"
     assert task_defaults(TaskSpec(type="text", text_field="body")).target_field == "body"
-    custom = task_defaults(TaskSpec(type="summarization", prompt_template="{article}\nTL;DR:", target_field="highlights"))
+    custom = task_defaults(
+        TaskSpec(type="summarization", prompt_template="{article}\nTL;DR:", target_field="highlights")
+    )
     assert custom.prompt_template == "{article}\nTL;DR:" and custom.target_field == "highlights"
 
 
 def test_format_example_summarization_and_classification(tokenizer):
-    prompt, target = format_example(TaskSpec(type="summarization"), {"document": "Cats sleep.", "summary": "Sleep."}, tokenizer)
+    prompt, target = format_example(
+        TaskSpec(type="summarization"), {"document": "Cats sleep.", "summary": "Sleep."}, tokenizer
+    )
     assert "Cats sleep." in prompt and prompt.endswith("Summary:\n") and target == "Sleep."
     task = TaskSpec(type="classification", labels=["neg", "pos"])
     prompt, target = format_example(task, {"text": "great", "label": " pos "}, tokenizer)
@@ -88,7 +92,13 @@ def test_instruction_uses_chat_template_and_installs_default(tokenizer_dir):
     prompt, target = format_example(TaskSpec(type="instruction"), {"prompt": "Say hi", "response": "hi"}, tok)
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
     assert prompt == "<|user|>\nSay hi\n<|assistant|>\n" and target == "hi"  # BOS comes from encoding
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "A"},
+        ]
+    }
     prompt, target = format_example(TaskSpec(type="instruction"), chat, tok)
     assert prompt == "<|system|>\nBe brief.\n<|user|>\nQ\n<|assistant|>\n" and target == "A"
     assert prompt_token_ids(tok, prompt).count(tok.bos_token_id) == 1
@@ -112,12 +122,18 @@ def test_label_set_from_data_and_from_recipe():
 
 
 def test_bad_records_and_templates_name_the_problem(tokenizer):
-    with pytest.raises(DataError, match=r"data.jsonl:3: record lacks field 'document'.*did you mean 'documnet'"):
-        format_record(TaskSpec(type="summarization"), {"documnet": "x", "summary": "y"}, tokenizer, where="data.jsonl:3")
+    with pytest.raises(
+        DataError, match=r"data.jsonl:3: record lacks field 'document'.*did you mean 'documnet'"
+    ):
+        format_record(
+            TaskSpec(type="summarization"), {"documnet": "x", "summary": "y"}, tokenizer, where="data.jsonl:3"
+        )
     with pytest.raises(DataError, match="empty target in field 'summary'"):
         format_record(TaskSpec(type="summarization"), {"document": "x", "summary": "  "}, tokenizer)
     with pytest.raises(DataError, match="last message .* must be the assistant"):
-        format_record(TaskSpec(type="instruction"), {"messages": [{"role": "user", "content": "hi"}]}, tokenizer)
+        format_record(
+            TaskSpec(type="instruction"), {"messages": [{"role": "user", "content": "hi"}]}, tokenizer
+        )
     with pytest.raises(RecipeError, match="plain field name"):
         template_fields("{doc.title}")
     with pytest.raises(RecipeError, match="literal braces"):
@@ -148,9 +164,11 @@ def test_train_on_prompt_trains_everything_but_the_first_token(tokenizer):
 
 def test_chat_mask_trains_only_the_final_reply(tokenizer):
     r = recipe({"type": "instruction"})
-    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}
+    record = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    }
     [example], _ = tokenize_record(r, record, tokenizer)
-    trained = [t for t, lab in zip(example["input_ids"], example["labels"]) if lab != IGNORE_INDEX]
+    trained = [t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab != IGNORE_INDEX]
     assert trained == ids(tokenizer, "Hello there") + [tokenizer.eos_token_id]
     assert example["input_ids"].count(tokenizer.bos_token_id) == 1
 
@@ -161,7 +179,7 @@ def test_text_task_windows_train_every_token_once(tokenizer):
     examples, _ = tokenize_record(r, {"text": text}, tokenizer)
     full = ids(tokenizer, text, special=True) + [tokenizer.eos_token_id]
     assert len(examples) > 1 and all(len(e["input_ids"]) <= 16 for e in examples)
-    trained = [t for e in examples for t, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE_INDEX]
+    trained = [t for e in examples for t, lab in zip(e["input_ids"], e["labels"], strict=True) if lab != IGNORE_INDEX]
     assert trained == full[1:]
 
 
@@ -213,7 +231,10 @@ def test_grouped_batch_order_is_a_deterministic_partition_with_less_padding():
 
 
 def test_packing_keeps_every_example_and_restarts_positions():
-    examples = [{"input_ids": list(range(n)), "labels": [IGNORE_INDEX] + list(range(1, n))} for n in (9, 3, 7, 5, 10, 2)]
+    examples = [
+        {"input_ids": list(range(n)), "labels": [IGNORE_INDEX] + list(range(1, n))}
+        for n in (9, 3, 7, 5, 10, 2)
+    ]
     rows = pack_examples(examples, seq_len=12)
     assert sum(len(r["input_ids"]) for r in rows) == sum(len(e["input_ids"]) for e in examples)
     # first-fit decreasing: 10 -> row 0, 9 -> row 1, 7 -> row 2, 5 -> row 2, 3 -> row 1, 2 -> row 0
@@ -221,13 +242,17 @@ def test_packing_keeps_every_example_and_restarts_positions():
     assert rows[2]["position_ids"] == list(range(7)) + list(range(5))
     for row in rows:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
-        assert all(row["labels"][s] == IGNORE_INDEX for s in starts)  # no example predicts the next one's start
+        assert all(
+            row["labels"][s] == IGNORE_INDEX for s in starts
+        )  # no example predicts the next one's start
     batch = packed_collate(pad_id=0)(rows[:2])
     assert "attention_mask" not in batch and batch["input_ids"].shape == batch["position_ids"].shape
 
 
 def test_padded_collate_masks_padding():
-    batch = padded_collate(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [-100]}])
+    batch = padded_collate(pad_id=0)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [-100]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -237,7 +262,9 @@ def test_packed_rows_do_not_attend_across_examples(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     assert enable_packing(model) and model.config.use_cache is False
     a = {"input_ids": [3, 40, 41, 42], "labels": [-100, 40, 41, 42]}
     b = {"input_ids": [3, 50, 51], "labels": [-100, 50, 51]}
@@ -254,7 +281,9 @@ def test_classification_label_outside_the_set_names_the_line(tmp_path, tokenizer
 
     r = recipe({"type": "classification", "labels": ["neg", "pos"]})
     with pytest.raises(DataError, match="v.jsonl:2: label 'meh' is not in the label set"):
-        resolve_task(r, [("t.jsonl:1", {"text": "a", "label": "pos"})], [("v.jsonl:2", {"text": "b", "label": "meh"})])
+        resolve_task(
+            r, [("t.jsonl:1", {"text": "a", "label": "pos"})], [("v.jsonl:2", {"text": "b", "label": "meh"})]
+        )
     r = recipe({"type": "classification"})
     resolve_task(r, [("t:1", {"text": "a", "label": "pos"}), ("t:2", {"text": "b", "label": "neg"})], [])
     assert r.task.labels == ["neg", "pos"]
