@@ -125,7 +125,7 @@ def worker_llmkit(cfg: dict) -> dict:
         "train": {
             "max_steps": cfg["steps"], "micro_batch_size": cfg["batch"], "lr": 3e-4, "warmup_steps": 0,
             "schedule": "linear", "save_every": 10**6, "eval_every": 10**6, "log_every": 1,
-            "mixed_precision": cfg["precision"], "seed": 1234,
+            "mixed_precision": cfg["precision"], "seed": 1234, "compile": cfg.get("compile", False),
         },
     }
     summary = pretrain(recipe_from_dict(recipe, stage="pretrain"))
@@ -202,10 +202,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--sides", default="hf-trainer,llmkit-fp32,llmkit-bf16")
+    # One thread by default: on a machine shared with other jobs, OpenMP threads spin-wait for each
+    # other and 2 threads ran ~3x slower than 1 here. Use --threads N on a dedicated machine.
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sides", default="hf-trainer,llmkit-fp32,llmkit-bf16,llmkit-fp32-compile")
     parser.add_argument("--mfu-hidden", type=int, default=1024, help="A larger model for the MFU measurement (0 skips it).")
     parser.add_argument("--mfu-layers", type=int, default=2)
+    parser.add_argument("--mfu-steps", type=int, default=12)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,6 +229,7 @@ def main() -> None:
         "hf-trainer": ("hf", {**base, "precision": "no"}),
         "llmkit-fp32": ("llmkit", {**base, "precision": "no"}),
         "llmkit-bf16": ("llmkit", {**base, "precision": "bf16"}),
+        "llmkit-fp32-compile": ("llmkit", {**base, "precision": "no", "compile": True}),
     }
     chosen = [s for s in args.sides.split(",") if s]
     peak_before = measure_peak(args.threads)
@@ -239,7 +243,7 @@ def main() -> None:
 
     mfu_runs = []
     if args.mfu_hidden:
-        big = {**base, "precision": "no", "model": model_overrides(argparse.Namespace(hidden=args.mfu_hidden, layers=args.mfu_layers, seq_len=args.seq_len))}
+        big = {**base, "precision": "no", "steps": args.mfu_steps, "warmup": min(args.warmup, args.mfu_steps // 3), "model": model_overrides(argparse.Namespace(hidden=args.mfu_hidden, layers=args.mfu_layers, seq_len=args.seq_len))}
         for _ in range(args.repeats):
             mfu_runs.append(run_worker("llmkit", big, args.threads))
     peak = max(peak_before, measure_peak(args.threads))
@@ -249,7 +253,7 @@ def main() -> None:
 
     fpt = next((r["flops_per_token"] for s in chosen if s.startswith("llmkit") for r in results[s]), None)
     lines = [
-        f"machine: {os.cpu_count()} CPU threads used={args.threads}; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s",
+        f"machine: {os.cpu_count()} CPUs, {args.threads} thread(s) used; measured fp32 matmul peak at that thread count {peak / 1e9:.0f} GFLOP/s",
         f"model: llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; {args.batch} x {args.seq_len} tokens a step; "
         f"{args.steps} steps (window from step {args.warmup}); {args.repeats} alternating repeats, medians",
     ]
@@ -259,6 +263,8 @@ def main() -> None:
         lines.append(f"{side:12s} {med(side):>10,.0f} tokens/s  (runs: {rates}){mfu}")
     if "hf-trainer" in chosen and "llmkit-fp32" in chosen:
         lines.append(f"llmkit-fp32 / hf-trainer = {med('llmkit-fp32') / med('hf-trainer'):.2f}x")
+    if "llmkit-fp32-compile" in chosen and "hf-trainer" in chosen:
+        lines.append(f"llmkit-fp32-compile / hf-trainer = {med('llmkit-fp32-compile') / med('hf-trainer'):.2f}x")
     if "llmkit-bf16" in chosen and "llmkit-fp32" in chosen:
         lines.append(f"llmkit bf16 / fp32 = {med('llmkit-bf16') / med('llmkit-fp32'):.2f}x")
     if mfu_runs:

@@ -394,13 +394,16 @@ def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sum_nll(logits, labels):
-    """Summed next-token negative log-likelihood and the number of scored tokens (labels != -100)."""
+    """Summed next-token negative log-likelihood and the number of scored tokens (labels != -100).
+
+    The labels are shifted left (and padded with -100) rather than the logits shifted right: slicing
+    the logits would copy the largest activation of the step.
+    """
+    import torch
     import torch.nn.functional as F
 
-    shifted = labels[:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), -100)], dim=1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1), ignore_index=-100, reduction="sum")
     return nll, (shifted != -100).sum()
 
 
@@ -522,7 +525,7 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
             checkpoints.clear_run_dir(output_dir)
         write_resolved(recipe, output_dir)
     accelerator.wait_for_everyone()
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # per-process dropout streams; the data order has its own seed
     if trackers:
         accelerator.init_trackers(output_dir.name, config=_flat_config(recipe))
 
@@ -532,7 +535,11 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
     config = getattr(model, "config", None)
     fpt = flops_per_token(config, counts["matmul"], recipe.data.seq_len)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it; non-reentrant checkpointing works with DDP's no_sync and frozen inputs.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_cache = getattr(config, "use_cache", None)
     if use_cache is not None:
         # No KV cache in training: gradient checkpointing needs that, and without a cache transformers
@@ -556,7 +563,7 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # 4. Resume: model, optimizer, scheduler, RNG states and the data position.
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "stream_position": None}
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "stream_position": None, "val_loss": None, "val_ppl": None}
     if resume_from is not None:
         state.update(checkpoints.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
         accelerator.print(f"resuming from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
@@ -571,7 +578,7 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
         accelerator.print(f"precision:        {mixed_precision}; matmul peak measured at {peak / 1e12:.3g} TFLOP/s ({accelerator.device})")
 
     # 5. Train.
-    summary = {"val_loss": None, "val_ppl": None, "train_loss": None}
+    summary = {"val_loss": state["val_loss"], "val_ppl": state["val_ppl"], "train_loss": None}
     last_saved = start_step if resume_from is not None else None
     window = {"tokens": 0, "time": time.perf_counter(), "nll": 0.0, "count": 0}
     bar = _progress(accelerator, max_steps, start_step)
@@ -656,6 +663,7 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
                         event.update(extra_eval(unwrapped, step) or {})
                     unwrapped.train()
                 summary.update(val_loss=event["val_loss"], val_ppl=event["val_ppl"])
+                state.update(val_loss=event["val_loss"], val_ppl=event["val_ppl"])
                 log.write(event)
                 bar.write(f"step {step}: val_loss {val_loss:.4f}, val_ppl {event['val_ppl']:.2f}" + "".join(
                     f", {k} {v:.4g}" for k, v in event.items() if k not in ("event", "step", "tokens", "val_loss", "val_ppl", "val_tokens") and isinstance(v, (int, float))

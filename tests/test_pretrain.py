@@ -168,3 +168,36 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, tokenizer_dir, corpus):
     with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step \d+.*last good checkpoint is .*step-0000000\d"):
         run_in_process(recipe)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_skip_nonfinite_steps_skips_then_stops(tmp_path, tokenizer_dir, corpus):
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"lr": 1e6, "grad_clip": None, "warmup_steps": 0, "skip_nonfinite_steps": 2})
+    from llmkit.train import TrainingError
+
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        run_in_process(recipe)
+    kinds = [e["event"] for e in read_events(recipe["output_dir"])]
+    assert kinds.count("skip") == 2 and kinds[-1] == "nonfinite"
+
+
+def test_gradient_checkpointing_and_tensorboard_do_not_change_the_loss(tmp_path, tokenizer_dir, corpus):
+    base = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"max_steps": 4, "log_every": 1})
+    plain = run_in_process(dict(base, output_dir=str(tmp_path / "plain")))
+    checkpointed = run_in_process(
+        dict(base, output_dir=str(tmp_path / "ckpt"), train={**base["train"], "gradient_checkpointing": True, "trackers": ["tensorboard"]})
+    )
+    assert plain["train_loss"] == pytest.approx(checkpointed["train_loss"], rel=1e-6)
+    assert list((tmp_path / "ckpt").rglob("events.out.tfevents*")), "tensorboard wrote no event file"
+
+
+def test_continued_pretraining_from_a_checkpoint(tmp_path, tokenizer_dir, tiny_model_dir, corpus):
+    from safetensors.torch import load_file
+
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], model={"path": str(tiny_model_dir)}, train={"max_steps": 4})
+    recipe["model"] = {"path": str(tiny_model_dir)}
+    result = CliRunner().invoke(app, ["validate", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    assert result.exit_code == 0 and "from checkpoint" in result.output, result.output
+    run_in_process(recipe)
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not before[k].equal(after[k]) for k in before)  # it trained from those weights
