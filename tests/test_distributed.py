@@ -68,7 +68,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, token
     assert [e["tokens"] for e in read_events(recipe["output_dir"], "train")][-1] == STEPS * 2 * 4 * 32
 
 
-@pytest.mark.slow
 def test_sigterm_under_accelerate_launch_then_resume_sees_each_sample_once_per_rank(setup):
     tmp, _, recipe, reference_trace = setup
     interrupted = dict(recipe, output_dir=str(tmp / "interrupted"))
