@@ -657,8 +657,12 @@ def comparison(results: list[dict]) -> dict[str, Any]:
             for row in rows
             if isinstance(row[k], (int, float)) and not math.isnan(row[k])
         ]
-        if values:
-            best[k] = (min(values) if k in LOWER_IS_BETTER else max(values))[1]
+        if not values:
+            continue
+        top = (min if k in LOWER_IS_BETTER else max)(v for v, _ in values)
+        winners = [model for v, model in values if v == top]
+        if len(winners) == 1:  # a tie (e.g. every model at 0.0) has no best
+            best[k] = winners[0]
     return {
         "metrics": keys,
         "models": rows,
