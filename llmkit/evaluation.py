@@ -581,6 +581,7 @@ def evaluate_model(
         where=plan.where,
     )
     metrics: dict[str, Any] = {}
+    timing: dict[str, float] = {}
     rows: list[dict] = []
     task = None
     if plan.seq_len is not None:
@@ -590,7 +591,7 @@ def evaluate_model(
             perplexity(model, tokenizer, texts, plan.seq_len, plan.stride, recipe.data.batch_size)
         )
         ppl = totals.metrics()
-        ppl["tokens_per_second"] = totals.tokens / max(time.perf_counter() - t0, 1e-9)
+        timing["tokens_per_second"] = totals.tokens / max(time.perf_counter() - t0, 1e-9)
         metrics.update(ppl)
         log(
             f"  perplexity {ppl['perplexity']:.4f}  bits/byte {ppl['bits_per_byte']:.4f}  ({ppl['tokens']:,} tokens, {ppl['documents']} documents)"
@@ -599,7 +600,7 @@ def evaluate_model(
         task = _task_with_labels(plan.task, [rec for _, rec in located])
         t0 = time.perf_counter()
         gen_metrics, rows = generation_metrics(model, tokenizer, recipe, task, located)
-        gen_metrics["examples_per_second"] = len(rows) / max(time.perf_counter() - t0, 1e-9)
+        timing["examples_per_second"] = len(rows) / max(time.perf_counter() - t0, 1e-9)
         metrics.update(gen_metrics)
         shown = "  ".join(
             f"{k} {gen_metrics[k]:.4f}"
@@ -610,11 +611,18 @@ def evaluate_model(
             f"  {shown}  ({len(rows)} examples)"
             + (f"  bleu {gen_metrics['bleu']:.2f}" if "bleu" in gen_metrics else "")
         )
-    metrics["seconds"] = time.perf_counter() - started
+    timing["seconds"] = time.perf_counter() - started
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"model": plan.path, "metrics": metrics, "protocol": _protocols(recipe, plan, task)}, rows
+    # Timings live apart from the metrics, so two runs of one eval give identical "metrics".
+    result = {
+        "model": plan.path,
+        "metrics": metrics,
+        "timing": timing,
+        "protocol": _protocols(recipe, plan, task),
+    }
+    return result, rows
 
 
 def _check_records(recipe: EvalRecipe, plans: list[ModelPlan]) -> list[tuple[str, dict]] | None:
@@ -646,8 +654,11 @@ NOT_RANKED = {"tokens_per_second", "examples_per_second"}
 
 def comparison(results: list[dict]) -> dict[str, Any]:
     """Rows of each model's headline metrics and the best model per metric."""
-    keys = [k for k in COMPARISON_KEYS if any(k in r["metrics"] for r in results)]
-    rows = [{"model": r["model"], **{k: r["metrics"].get(k) for k in keys}} for r in results]
+    values = [{**r["metrics"], **r.get("timing", {})} for r in results]
+    keys = [k for k in COMPARISON_KEYS if any(k in v for v in values)]
+    rows = [
+        {"model": r["model"], **{k: v.get(k) for k in keys}} for r, v in zip(results, values, strict=True)
+    ]
     best = {}
     for k in keys:
         if k in NOT_RANKED:
@@ -772,7 +783,7 @@ def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, An
     write_resolved(recipe, out)
     _write_atomic(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if len(results) == 1:
-        for key, value in results[0]["metrics"].items():
+        for key, value in {**results[0]["metrics"], **results[0]["timing"]}.items():
             if isinstance(value, float):
                 typer.echo(f"{key:<20} {_fmt(key, value)}")
             elif isinstance(value, int):

@@ -392,3 +392,19 @@ def test_a_training_run_directory_is_never_used_as_output(tmp_path, tiny_model_d
     )
     assert result.exit_code == 2 and "pretrain run" in result.output
     assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]
+
+
+def test_metrics_are_reproducible_across_runs(tmp_path, tiny_model_dir, summaries_file):
+    recipe = {
+        "stage": "eval", "output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_model_dir)},
+        "data": {"test": str(summaries_file), "text_field": "document", "seq_len": 16, "stride": 4},
+        "metrics": ["perplexity", "rouge"], "task": {"type": "summarization"},
+        "generation": {"max_new_tokens": 4}, "rouge": {"bootstrap_samples": 20},
+    }  # fmt: skip
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert run_eval(path).exit_code == 0
+    first = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert run_eval(path).exit_code == 0
+    second = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert first["metrics"] == second["metrics"] and first["protocol"] == second["protocol"]
+    assert "seconds" in first["timing"] and "seconds" not in first["metrics"]
