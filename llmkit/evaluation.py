@@ -304,6 +304,8 @@ class ModelPlan:
 def _read_config(path: str, where: str):
     from transformers import AutoConfig
 
+    from llmkit.generation import where_failed
+
     local = Path(path)
     if local.is_dir() and not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
         adapter = json.loads((local / "adapter_config.json").read_text(encoding="utf-8"))
@@ -311,9 +313,7 @@ def _read_config(path: str, where: str):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(
-            f"{where}: cannot read the model config of {path} ({str(exc).splitlines()[0]})"
-        ) from None
+        raise ModelError(f"{where}: {where_failed(path, exc)}") from None
 
 
 def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
