@@ -196,14 +196,14 @@ def score_windows(
             kwargs["logits_to_keep"] = keep
         with torch.inference_mode():
             logits = model(**kwargs, use_cache=False).logits[:, -keep:-1, :]
-            # Per-token NLL in float32 whatever the model dtype; ignored slots contribute exactly 0.
-            nll = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)),
-                targets.to(device).reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            )
-            total += float(nll.double().sum())
+            targets = targets.to(device)
+            batch_nll = torch.zeros((), dtype=torch.float64, device=device)
+            for r in range(logits.size(0)):
+                # Per-token NLL in float32 whatever the model dtype, one row at a time so the float32
+                # copy of the logits stays small with large vocabularies; ignored slots add exactly 0.
+                nll = F.cross_entropy(logits[r].float(), targets[r], ignore_index=-100, reduction="none")
+                batch_nll += nll.double().sum()
+            total += float(batch_nll)
     return total
 
 
