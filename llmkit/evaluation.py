@@ -362,8 +362,8 @@ def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
         where = "model.path" if isinstance(recipe.model.path, str) else f"model.path[{i}]"
         check_model_dir(path, where, recipe.tokenizer)
         plan = ModelPlan(path=path, where=where)
+        limit = max_positions(_read_config(path, where))
         if "perplexity" in recipe.metrics:
-            limit = max_positions(_read_config(path, where))
             seq_len = recipe.data.seq_len or min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
             if limit is not None and seq_len > limit:
                 raise RecipeError(
@@ -383,6 +383,11 @@ def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
                 raise RecipeError(
                     "task.type: 'text' has no prompt to generate from; ROUGE, accuracy, exact_match and bleu "
                     "need a summarization, instruction or classification task"
+                )
+            if limit is not None and recipe.generation.max_new_tokens >= limit:
+                raise RecipeError(
+                    f"generation.max_new_tokens ({recipe.generation.max_new_tokens}) leaves no room for the prompt "
+                    f"in the {limit} positions of {path}; set it below {limit}"
                 )
         plans.append(plan)
     return plans

@@ -237,7 +237,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """
     out = []
     bos = tokenizer.bos_token_id
-    for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]:
+    for ids in tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]:
         ids = list(ids)
         if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]
