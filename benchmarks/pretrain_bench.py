@@ -17,8 +17,9 @@ medians over repeats are reported):
 Both sides build the model with AutoModelForCausalLM.from_config from the same config, float32
 weights, sdpa attention. Tokens/s is measured in steady state over steps [warmup, steps): from the
 time stamps llmkit writes in metrics.jsonl (log_every 1), and from a TrainerCallback on_step_end for
-the Trainer, so data preparation, model building and saving are outside the window. Every step of
-both sides processes micro_batch x seq_len tokens.
+the Trainer, so data preparation, model building and saving are outside the window: tokens per
+step / the median step time of the run. Every step of both sides processes micro_batch x seq_len
+tokens.
 
 MFU = FLOPs per token (6N + 12 * layers * hidden * seq_len, as llmkit prints) x tokens/s divided by
 the machine's matmul peak, measured here as the best fp32 square-matmul rate over several sizes and
@@ -106,8 +107,13 @@ def measure_peak(threads: int, seconds: float = 6.0) -> float:
 
 
 def steady_rate(stamps: list[float], tokens_per_step: int, warmup: int) -> float:
-    """Tokens/s between the end of step `warmup` and the end of the last step."""
-    return tokens_per_step * (len(stamps) - warmup) / (stamps[-1] - stamps[warmup - 1])
+    """Tokens/s from the median step time after `warmup` steps.
+
+    The median rather than the mean: on a shared machine a neighbour's burst slows a stretch of
+    steps, and the median step is the closest to what this side itself costs.
+    """
+    deltas = [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True)]
+    return tokens_per_step / statistics.median(deltas)
 
 
 def worker_llmkit(cfg: dict) -> dict:
@@ -140,7 +146,13 @@ def worker_hf(cfg: dict) -> dict:
     import torch
     from datasets import load_dataset
     from transformers import (
-        AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, default_data_collator,
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(cfg["tokenizer"])

@@ -322,8 +322,8 @@ def _build(recipe, tokenizer, target: Path) -> dict:
         docs = encoder.encode(batch)
         if held:
             keep = [held_out(index + i, held) for i in range(len(docs))]
-            train.add([d for d, k in zip(docs, keep) if not k])
-            validation.add([d for d, k in zip(docs, keep) if k])
+            train.add([d for d, k in zip(docs, keep, strict=True) if not k])
+            validation.add([d for d, k in zip(docs, keep, strict=True) if k])
         else:
             train.add(docs)
         index += len(docs)

@@ -284,7 +284,7 @@ tags: [llmkit, {recipe.stage}]
 # {Path(output_dir).name}
 
 A {summary.get('model_type', 'causal')} language model ({counts['total']:,} parameters) trained with
-[llmkit](https://github.com/) `{recipe.stage}`.
+`llmkit {recipe.stage}`.
 
 - training data: {sources(recipe.data.train)}
 - validation data: {sources(getattr(recipe.data, 'validation', None))}

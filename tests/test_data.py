@@ -128,10 +128,10 @@ def test_validation_fraction_holds_out_whole_documents(tmp_path, tokenizer_dir, 
     docs = _independent_tokens(recipe, tokenizer)
     held = [held_out(i, 0.2) for i in range(len(docs))]
     assert 0 < sum(held) < len(docs)
-    val = [t for d, h in zip(docs, held) if h for t in d]
+    val = [t for d, h in zip(docs, held, strict=True) if h for t in d]
     got = np.concatenate([data.validation[i]["input_ids"][data.validation[i].get("labels", data.validation[i]["input_ids"]) != -100] for i in range(len(data.validation))])
     assert got.tolist() == val  # every held-out token, the final partial block padded rather than dropped
-    assert data.extra["pack_stats"]["tokens"] == sum(len(d) for d, h in zip(docs, held) if not h)
+    assert data.extra["pack_stats"]["tokens"] == sum(len(d) for d, h in zip(docs, held, strict=True) if not h)
 
 
 def test_streaming_yields_the_cached_blocks_and_resumes_from_a_position(recipe, tokenizer):

@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from pretrain_helpers import final_weights, read_events, recipe_dict, run_in_process, subprocess_env, write_corpus, write_recipe
+from pretrain_helpers import (
+    final_weights,
+    read_events,
+    recipe_dict,
+    run_in_process,
+    subprocess_env,
+    write_corpus,
+    write_recipe,
+)
 
 STEPS = 30
 
@@ -59,11 +67,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, token
     finally:
         del os.environ["LLMKIT_TRACE_SAMPLES"]
     # Process r takes global micro-batch r of each step: one process accumulating both sees the same samples.
-    assert _trace(one_trace, 0) == [a + b for a, b in zip(_trace(trace, 0), _trace(trace, 1))]
+    assert _trace(one_trace, 0) == [a + b for a, b in zip(_trace(trace, 0), _trace(trace, 1), strict=True)]
     two_loss = [e["loss"] for e in read_events(recipe["output_dir"], "train")]
     one_loss = [e["loss"] for e in read_events(single["output_dir"], "train")]
     assert len(two_loss) == len(one_loss) == STEPS
-    for step, (a, b) in enumerate(zip(two_loss, one_loss), start=1):
+    for step, (a, b) in enumerate(zip(two_loss, one_loss, strict=True), start=1):
         assert math.isclose(a, b, rel_tol=2e-4), f"step {step}: {a} (2 processes) vs {b} (1 process)"
     assert [e["tokens"] for e in read_events(recipe["output_dir"], "train")][-1] == STEPS * 2 * 4 * 32
 
