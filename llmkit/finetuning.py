@@ -82,11 +82,9 @@ def split_records(recipe: FinetuneRecipe) -> tuple[list[tuple[str, dict]], list[
         raise DataError(
             f"data.validation_fraction ({data.validation_fraction}) leaves no training records out of {len(train)}"
         )
-    perm = np.random.default_rng(recipe.train.seed).permutation(len(train))
-    val_idx = set(perm[:held].tolist())
-    return [r for i, r in enumerate(train) if i not in val_idx], [
-        r for i, r in enumerate(train) if i in val_idx
-    ]
+    held_out = set(np.random.default_rng(recipe.train.seed).permutation(len(train))[:held].tolist())
+    kept = [r for i, r in enumerate(train) if i not in held_out]
+    return kept, [train[i] for i in sorted(held_out)]
 
 
 def check_records(recipe: FinetuneRecipe, records: Sequence[tuple[str, dict]]) -> None:
