@@ -319,3 +319,17 @@ def test_data_inspect_marks_trained_tokens(tmp_path, tiny_model_dir, data_dir):
     assert "Classify the text as one of: negative, positive." in result.output
     assert "Label:\n[[positive<|eos|>]]" in result.output and result.output.count("--- ") == 2
     assert "[[trained tokens]]" in result.output
+
+
+def test_data_prepare_fills_the_cache_that_finetune_reads(tmp_path, tiny_model_dir, data_dir):
+    import yaml
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"type": "classification"}, str(data_dir / "cls.jsonl"))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    first = runner.invoke(app, ["data", "prepare", str(path)])
+    assert first.exit_code == 0, first.output
+    assert "tokenized: train: 24 records -> 24 examples" in first.output
+    assert len(list((tmp_path / "cache").glob("sft-*.json"))) == 1
+    again = runner.invoke(app, ["data", "prepare", str(path)])
+    assert again.exit_code == 0 and "cached: train: 24 records" in again.output
