@@ -134,9 +134,11 @@ def test_validation_fraction_holds_out_whole_documents(tmp_path, tokenizer_dir, 
     assert data.extra["pack_stats"]["tokens"] == sum(len(d) for d, h in zip(docs, held, strict=True) if not h)
 
 
-def test_streaming_yields_the_cached_blocks_and_resumes_from_a_position(recipe, tokenizer):
+@pytest.mark.parametrize("doc_masking", ["none", "position_ids"])
+def test_streaming_yields_the_cached_blocks_and_resumes_from_a_position(recipe, tokenizer, doc_masking):
     from llmkit.data import lm_train_data
 
+    recipe.data.doc_masking = doc_masking
     cached = lm_train_data(recipe, tokenizer, world_size=1).train
     recipe.data.streaming = True
     stream = lm_train_data(recipe, tokenizer, world_size=1).stream
@@ -144,6 +146,8 @@ def test_streaming_yields_the_cached_blocks_and_resumes_from_a_position(recipe, 
     first = [next(it) for _ in range(len(cached) + 3)]  # runs into the second epoch
     for i in range(len(cached)):
         assert first[i][0]["input_ids"].tolist() == cached[i]["input_ids"].tolist()
+        if doc_masking != "none":
+            assert first[i][0]["position_ids"].tolist() == cached[i]["position_ids"].tolist()
     assert first[len(cached)][0]["input_ids"].tolist() == cached[0]["input_ids"].tolist()
     assert first[len(cached)][1]["epoch"] == 1
     k = len(cached) // 2

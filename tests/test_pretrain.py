@@ -201,3 +201,14 @@ def test_continued_pretraining_from_a_checkpoint(tmp_path, tokenizer_dir, tiny_m
     before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not before[k].equal(after[k]) for k in before)  # it trained from those weights
+
+
+def test_overwrite_replaces_a_different_run(tmp_path, tokenizer_dir, corpus):
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"max_steps": 4})
+    run_in_process(recipe)
+    other = dict(recipe, train={**recipe["train"], "lr": 5e-3, "max_steps": 2, "save_every": 2})
+    summary = run_in_process(other, overwrite=True)
+    assert summary["resumed_from"] is None and summary["step"] == 2
+    assert [e["step"] for e in read_events(recipe["output_dir"], "train")] == [2]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["train"]["lr"] == 5e-3
