@@ -152,6 +152,9 @@ def pretrain(recipe, overwrite: bool = False) -> dict[str, Any]:
 # ==============================================================================================
 
 
+EVAL_KEYS = ("event", "step", "tokens", "val_loss", "val_ppl", "val_tokens")
+
+
 class TrainingError(LlmkitError):
     """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
@@ -520,6 +523,12 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
     max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / tokens_per_step)
     if cfg.warmup_steps > max_steps:
         raise RecipeError(f"train.warmup_steps ({cfg.warmup_steps}) is larger than the {max_steps} steps of train.max_tokens")
+    # The data position comes from the checkpoint's trainer state; building the batch iterator here
+    # also rejects data too small for one optimizer step before anything is written.
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "stream_position": None, "val_loss": None, "val_ppl": None}
+    if resume_from is not None:
+        state.update(checkpoints.read_trainer_state(resume_from))
+    batches = MicroBatches(data, cfg, accelerator.process_index, world, accelerator.device, state["step"], state["stream_position"])
     if accelerator.is_main_process:
         if resume_from is None:
             checkpoints.clear_run_dir(output_dir)
@@ -563,13 +572,11 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # 4. Resume: model, optimizer, scheduler, RNG states and the data position.
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "stream_position": None, "val_loss": None, "val_ppl": None}
     if resume_from is not None:
         state.update(checkpoints.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
         accelerator.print(f"resuming from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
     start_step = state["step"]
     log = MetricsLog(accelerator, output_dir / "metrics.jsonl", start_step if resume_from is not None else None)
-    batches = MicroBatches(data, cfg, accelerator.process_index, world, accelerator.device, start_step, state["stream_position"])
     peak = measured_peak_flops(accelerator.device, torch.bfloat16 if mixed_precision == "bf16" else torch.float16 if mixed_precision == "fp16" else torch.float32)
     if accelerator.is_main_process:
         for line in model_summary_lines(config, counts, recipe, world_size=world, max_steps=max_steps):
@@ -665,9 +672,9 @@ def _run(recipe, model, tokenizer, data: TrainData, *, extra_eval, save_final, o
                 summary.update(val_loss=event["val_loss"], val_ppl=event["val_ppl"])
                 state.update(val_loss=event["val_loss"], val_ppl=event["val_ppl"])
                 log.write(event)
-                bar.write(f"step {step}: val_loss {val_loss:.4f}, val_ppl {event['val_ppl']:.2f}" + "".join(
-                    f", {k} {v:.4g}" for k, v in event.items() if k not in ("event", "step", "tokens", "val_loss", "val_ppl", "val_tokens") and isinstance(v, (int, float))
-                )) if accelerator.is_main_process else None
+                if accelerator.is_main_process:
+                    extras = "".join(f", {k} {v:.4g}" for k, v in event.items() if k not in EVAL_KEYS and isinstance(v, (int, float)))
+                    bar.write(f"step {step}: val_loss {val_loss:.4f}, val_ppl {event['val_ppl']:.2f}{extras}")
                 window["time"] += time.perf_counter() - eval_start  # evaluation is not training throughput
 
             stopping = stop > 0
