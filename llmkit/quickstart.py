@@ -104,16 +104,14 @@ def _samples(root: Path, count: int = 3) -> list[tuple[str, str, str]]:
 
 
 def _results_table(eval_dir: Path) -> str:
-    """Base versus fine-tuned metrics from the eval stage's comparison.json (or metrics.json)."""
-    comparison = eval_dir / "comparison.json"
-    data = json.loads((comparison if comparison.exists() else eval_dir / "metrics.json").read_text())
-    rows = data.get("models", data if isinstance(data, list) else [data])
+    """Base versus fine-tuned metrics, read from the eval stage's metrics.json."""
+    report = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    rows = report["models"] if "models" in report else [report]
     keys = ["perplexity", "bits_per_byte", "rouge1", "rouge2", "rougeL", "rougeLsum"]
     lines = [f"{'model':<12}" + "".join(f"{k:>14}" for k in keys)]
     for row in rows:
-        metrics = row.get("metrics", row)
-        name = Path(str(row.get("model", "?"))).name
-        lines.append(f"{name:<12}" + "".join(f"{metrics.get(k, float('nan')):>14.4f}" for k in keys))
+        name = Path(str(row["model"])).name
+        lines.append(f"{name:<12}" + "".join(f"{row['metrics'].get(k, float('nan')):>14.4f}" for k in keys))
     return "\n".join(lines)
 
 

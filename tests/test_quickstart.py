@@ -5,6 +5,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -43,9 +44,11 @@ def test_every_artifact_loads(quickstart_dir):
 
 def test_metrics_cover_both_models(quickstart_dir):
     root, _ = quickstart_dir
-    comparison = json.loads((root / "eval" / "comparison.json").read_text())
-    assert len(comparison["models"]) == 2
-    for row in comparison["models"]:
+    report = json.loads((root / "eval" / "metrics.json").read_text())
+    assert [Path(m["model"]).name for m in report["models"]] == ["pretrain", "finetune"]
+    assert report["models"][0]["protocol"]["perplexity"]["stride"] > 0
+    assert (root / "eval" / "comparison.md").is_file()
+    for row in report["models"]:
         metrics = row["metrics"]
         for key in ("perplexity", "bits_per_byte", "rouge1", "rouge2", "rougeL", "rougeLsum"):
             assert key in metrics and math.isfinite(metrics[key]), key
