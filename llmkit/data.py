@@ -245,6 +245,7 @@ def collate_blocks(doc_masking: str = "none"):
     """
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack blocks into a batch of tensors."""
         import numpy as np
         import torch
 
@@ -452,6 +453,7 @@ def stream_blocks(recipe, tokenizer):
     positions = data.doc_masking != "none"
 
     def stream(position: dict | None) -> Iterator[tuple[dict[str, Any], dict]]:
+        """Blocks from `position` on, each with the position just after it."""
         epoch = position["epoch"] if position else 0
         doc, offset = (position["doc"], position["offset"]) if position else (0, 0)
         while True:

@@ -104,6 +104,7 @@ def shuffled_batch_order(num_examples: int) -> BatchOrder:
     import numpy as np
 
     def order(seed: int, epoch: int, micro_batch_size: int) -> list[list[int]]:
+        """Micro-batches of epoch `epoch`; a final incomplete micro-batch is left for the next epoch's shuffle."""
         perm = np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
         usable = len(perm) - len(perm) % micro_batch_size
         return [perm[i : i + micro_batch_size] for i in range(0, usable, micro_batch_size)]
