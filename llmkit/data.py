@@ -200,6 +200,24 @@ class PackedBlocks(Sequence):
         self.partial = keep_partial and len(tokens) % seq_len > 0
         self.num_blocks = full + int(self.partial)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers receive the dataset pickled: send the memory-mapped file's name, not
+        # its contents (pickling a np.memmap copies the whole array).
+        state = dict(self.__dict__)
+        tokens = state["tokens"]
+        if getattr(tokens, "filename", None):
+            state["tokens"] = ("memmap", str(tokens.filename), tokens.dtype.str, len(tokens))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import numpy as np
+
+        tokens = state["tokens"]
+        if isinstance(tokens, tuple) and tokens[0] == "memmap":
+            _, filename, dtype, length = tokens
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=(length,))
+        self.__dict__.update(state)
+
     def stats(self) -> PackStats:
         """Counts of documents, tokens, blocks and dropped tokens."""
         dropped = 0 if self.partial else len(self.tokens) % self.seq_len

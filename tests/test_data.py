@@ -181,3 +181,15 @@ def test_non_main_processes_wait_for_the_cache_without_collectives(recipe, token
     built = prepare_cache(recipe, tokenizer, main_process=True)
     waiter.join(timeout=30)
     assert result["path"] == built and (built / "COMPLETE").is_file()
+
+
+def test_packed_blocks_pickle_by_file_name_for_loader_workers(recipe, tokenizer):
+    import pickle
+
+    from llmkit.data import lm_train_data
+
+    blocks = lm_train_data(recipe, tokenizer, world_size=1).train
+    payload = pickle.dumps(blocks)
+    assert len(payload) < 10_000 < blocks.tokens.nbytes  # the file name travels, not the tokens
+    again = pickle.loads(payload)
+    assert len(again) == len(blocks) and again[3]["input_ids"].tolist() == blocks[3]["input_ids"].tolist()
