@@ -181,11 +181,12 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from llmkit.recipes import load_recipe, recipe_to_yaml
 
     loaded = load_recipe(recipe, set_)
-    typer.echo(recipe_to_yaml(loaded).rstrip())
     from llmkit.plan import describe_plan
 
+    plan = describe_plan(loaded)  # before printing anything: a plan that fails prints one error line only
+    typer.echo(recipe_to_yaml(loaded).rstrip())
     typer.echo("\n# plan")
-    typer.echo(describe_plan(loaded))
+    typer.echo(plan)
 
 
 @app.command()

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import DataError, ModelError, RecipeError
+from llmkit.modeling import local_model_path
 from llmkit.recipes import FinetuneRecipe, GenerationSpec
 from llmkit.tasks import (
     PromptTooLong,
@@ -355,44 +356,9 @@ def enable_packing(model) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _local_path(path: str, key: str = "model.path") -> Path | None:
-    """The local directory `path` names, None for a hub id; ModelError for a local path that does not exist.
-
-    A missing "runs/pretrain-tiny" reads like a hub id "owner/name", so when the Hub cannot be
-    reached (HF_HUB_OFFLINE, or no DNS) it is reported at once as a missing directory instead of
-    after a minute of download retries.
-    """
-    candidate = Path(path).expanduser()
-    if candidate.exists():
-        return candidate
-    first = Path(path).parts[0] if Path(path).parts else path
-    looks_local = path.startswith((".", "/", "~")) or Path(first).is_dir() or path.count("/") > 1
-    if looks_local or not _hub_reachable():
-        raise ModelError(
-            f"{key}: {path} does not exist{'' if looks_local else ' locally and the Hugging Face Hub is not reachable'}; "
-            "train it first (e.g. `llmkit pretrain pretrain/tiny`) or point it at a checkpoint directory"
-        )
-    return None
-
-
-def _hub_reachable() -> bool:
-    """False when hub downloads are switched off or the Hub's host does not resolve (a fast, local check)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
 def check_model_path(recipe: FinetuneRecipe) -> None:
     """ModelError when model.path is a missing local path or a directory without a model."""
-    local = _local_path(recipe.model.path)
+    local = local_model_path(recipe.model.path)
     if local is None:
         return
     if not local.is_dir() or not (local / "config.json").is_file():
@@ -411,7 +377,7 @@ def load_tokenizer(recipe: FinetuneRecipe):
     name = recipe.tokenizer or recipe.model.path
     key = "tokenizer" if recipe.tokenizer else "model.path"
     if recipe.tokenizer:
-        _local_path(recipe.tokenizer, key="tokenizer")
+        local_model_path(recipe.tokenizer, key="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -470,7 +436,7 @@ def load_config(recipe: FinetuneRecipe, tokenizer=None):
     """The model config from model.path with model.* overrides, checked against data.seq_len and the tokenizer."""
     from transformers import AutoConfig
 
-    local = _local_path(recipe.model.path)
+    local = local_model_path(recipe.model.path)
     name = str(local.resolve()) if local is not None else recipe.model.path
     try:
         config = AutoConfig.from_pretrained(name)

@@ -34,22 +34,6 @@ ADAPTER_FILES = ("adapter_config.json",)
 # ----------------------------------------------------------------------------------------------
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).parent.exists()
-
-
-def _hub_offline_and_uncached(repo_id: str) -> bool:
-    """True when the Hub cannot be asked (HF_HUB_OFFLINE) and the local Hub cache lacks this model."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if not constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        return not isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # not a valid repo id
-        return True
-
-
 def where_failed(path: str, exc: BaseException) -> str:
     """Why a model or config could not be loaded, saying so when the path is no local directory."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -60,13 +44,11 @@ def where_failed(path: str, exc: BaseException) -> str:
 
 def check_model_dir(path: str, where: str = "model.path", tokenizer: str | None = None) -> None:
     """ModelError naming `where` when a checkpoint directory is missing, or lacks config, weights or tokenizer."""
-    local = Path(path).expanduser()
-    if not local.exists():
-        if _looks_like_hub_id(path) and not _hub_offline_and_uncached(path):
-            return  # a hub id: from_pretrained reports what is wrong with it
-        raise ModelError(
-            f"{where}: {path}: no such directory; give a checkpoint directory (a run's output_dir)"
-        )
+    from llmkit.modeling import local_model_path
+
+    local = local_model_path(path, where)
+    if local is None:
+        return  # a hub id: from_pretrained reports what is wrong with it
     if not local.is_dir():
         raise ModelError(f"{where}: {path}: is a file; give the checkpoint directory that holds config.json")
     names = {p.name for p in local.iterdir()}

@@ -84,9 +84,55 @@ def model_config(recipe, vocab_size: int | None = None, special_ids: dict[str, i
     return config
 
 
+def local_model_path(path: str, key: str = "model.path") -> Path | None:
+    """The local directory `path` names, None for a hub id; ModelError for a local path that does not exist.
+
+    A missing "runs/pretrain-tiny" reads like a hub id "owner/name", so when the Hub cannot be
+    reached (HF_HUB_OFFLINE, or no DNS) it is reported at once as a missing directory instead of
+    after half a minute of download retries. A hub id already in the local Hub cache still loads offline.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate
+    first = Path(path).parts[0] if Path(path).parts else path
+    looks_local = path.startswith((".", "/", "~")) or Path(first).is_dir() or path.count("/") > 1
+    if looks_local or not (_hub_reachable() or _in_hub_cache(path)):
+        raise ModelError(
+            f"{key}: {path} does not exist{'' if looks_local else ' locally and the Hugging Face Hub is not reachable'}; "
+            "train it first (e.g. `llmkit pretrain pretrain/tiny`) or point it at a checkpoint directory"
+        )
+    return None
+
+
+def _hub_reachable() -> bool:
+    """False when hub downloads are switched off or the Hub's host does not resolve (a fast, local check)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 def _checkpoint_config(path: str):
     from transformers import AutoConfig
 
+    local_model_path(path)
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
         raise ModelError(f"model.path {path}: has no config.json; give a directory written by save_pretrained")

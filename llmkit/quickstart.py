@@ -10,6 +10,7 @@ interrupted resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -97,10 +98,10 @@ def _samples(root: Path, count: int = 3) -> list[tuple[str, str, str]]:
     recipe = load_recipe(model_dir / "recipe.yaml", stage="finetune")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    records = [r for _, r in zip(range(count), iter_records(["builtin:docsum/test"]))]
+    records = list(itertools.islice(iter_records(["builtin:docsum/test"]), count))
     prompts = [format_example(recipe.task, r, tokenizer)[0] for r in records]
     outputs = generate_texts(model, tokenizer, prompts, GenerationSpec(max_new_tokens=32), batch_size=count)
-    return [(r["document"], r["summary"], out.strip()) for r, out in zip(records, outputs)]
+    return [(r["document"], r["summary"], out.strip()) for r, out in zip(records, outputs, strict=True)]
 
 
 def _results_table(eval_dir: Path) -> str:

@@ -297,7 +297,7 @@ def _fails(tmp_path: Path, recipe: dict, *needles: str, extra: tuple[str, ...] =
 
 def test_missing_model_directory(tmp_path, docs_file):
     _fails(
-        tmp_path, perplexity_recipe(tmp_path, tmp_path / "nope", docs_file), "model.path", "no such directory"
+        tmp_path, perplexity_recipe(tmp_path, tmp_path / "nope", docs_file), "model.path", "does not exist"
     )
 
 

@@ -133,7 +133,7 @@ def test_cli_chat_mode(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["{missing}", "hi"], "no such directory"),
+        (["{missing}", "hi"], "does not exist"),
         (["{model}", "hi", "-n", "2", "--temperature", "0"], "--temperature"),
         (["{model}", "--file", "{missing}"], "no such file"),
     ],
