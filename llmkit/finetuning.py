@@ -434,27 +434,11 @@ def check_lora_available(recipe: FinetuneRecipe) -> None:
 
 def load_config(recipe: FinetuneRecipe, tokenizer=None):
     """The model config from model.path with model.* overrides, checked against data.seq_len and the tokenizer."""
-    from transformers import AutoConfig
+    from llmkit.modeling import model_config
 
+    config = model_config(recipe)  # the same checks as pretraining: overrides, heads, seq_len vs positions
     local = local_model_path(recipe.model.path)
     name = str(local.resolve()) if local is not None else recipe.model.path
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"model.path: cannot load a model config from {recipe.model.path} ({str(exc).splitlines()[0]})"
-        ) from None
-    for key, value in recipe.model.config_overrides.items():
-        if not hasattr(config, key):
-            raise RecipeError(
-                f"model.{key}: not a setting of the {config.model_type} config at {recipe.model.path}"
-            )
-        setattr(config, key, value)
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions is not None and recipe.data.seq_len > max_positions:
-        raise RecipeError(
-            f"data.seq_len ({recipe.data.seq_len}) is longer than the model's max_position_embeddings ({max_positions}); lower it"
-        )
     vocab = getattr(config, "vocab_size", None) or getattr(
         getattr(config, "text_config", None), "vocab_size", None
     )
