@@ -342,7 +342,8 @@ def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
 
 def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
     """Check every checkpoint, window and task of the recipe; RecipeError/ModelError before loading weights."""
-    from llmkit.generation import check_model_dir, max_positions
+    from llmkit.generation import check_model_dir
+    from llmkit.modeling import max_positions
 
     paths = recipe.model.paths
     if not paths:
@@ -464,8 +465,9 @@ def generation_metrics(
     located: list[tuple[str, dict]],
 ) -> tuple[dict[str, Any], list[dict]]:
     """Generate for every test record and score; returns (metrics, prediction rows)."""
-    from llmkit.generation import generate_ids, max_positions
+    from llmkit.generation import generate_ids
     from llmkit.metrics.rouge import aggregate, per_example_scores
+    from llmkit.modeling import max_positions
     from llmkit.tasks import format_record, prompt_token_ids
 
     world, rank = _world()

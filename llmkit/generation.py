@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import DataError, ModelError, RecipeError
+from llmkit.modeling import max_positions
 from llmkit.recipes import GenerationSpec
 
 WEIGHT_FILES = (
@@ -131,15 +132,6 @@ def load_model(
     model.to(device or default_device()).eval()
     tok = load_tokenizer(tokenizer or path, "tokenizer" if tokenizer else where)
     return model, tok
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence a model's config allows, or None when it does not say."""
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ def load_tokenizer(name_or_path: str | Path):
     return tokenizer
 
 
-def _max_positions(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+def max_positions(config) -> int | None:
+    """The longest sequence a model's config allows, or None when it does not say."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
@@ -150,11 +151,11 @@ def _check_config(recipe, config) -> None:
     kv = getattr(config, "num_key_value_heads", None)
     if heads and kv and heads % kv:
         raise RecipeError(f"model.num_attention_heads ({heads}) must be divisible by model.num_key_value_heads ({kv})")
-    max_positions = _max_positions(config)
+    limit = max_positions(config)
     seq_len = recipe.data.seq_len
-    if max_positions is not None and seq_len > max_positions:
+    if limit is not None and seq_len > limit:
         raise RecipeError(
-            f"data.seq_len ({seq_len}) is larger than the model's max positions ({max_positions}); "
+            f"data.seq_len ({seq_len}) is larger than the model's max positions ({limit}); "
             f"lower data.seq_len or raise model.max_position_embeddings"
         )
 
