@@ -197,6 +197,7 @@ class TrainConfig(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile the model.")
+    chunked_loss: bool = Field(True, description="Output layer + cross-entropy in token chunks, without full logits (same loss).")
     skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many steps with a non-finite loss before stopping.")
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")

@@ -212,3 +212,63 @@ def test_overwrite_replaces_a_different_run(tmp_path, tokenizer_dir, corpus):
     assert [e["step"] for e in read_events(recipe["output_dir"], "train")] == [2]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["train"]["lr"] == 5e-3
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_matches_the_model_logits_loss_and_gradients(monkeypatch, tied):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmkit import lm_loss
+
+    monkeypatch.setattr(lm_loss, "chunk_rows", lambda vocab, device: 7)  # several chunks and a ragged last one
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, tie_word_embeddings=tied, use_cache=False)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 96, (3, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    labels[2, 9:] = -100  # padding
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    nll, count = lm_loss.plain_sum_nll(model(**inputs).logits, labels)
+    (nll / count).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    head = lm_loss.ChunkedHead.attach(model)
+    assert head is not None and head.verified(inputs, lambda: torch.autocast("cpu", enabled=False))
+    chunked, chunked_count = head.sum_nll(model, inputs, labels, lambda: torch.autocast("cpu", enabled=False))
+    (chunked / chunked_count).backward()
+    assert chunked_count == int(count)
+    torch.testing.assert_close(chunked, nll, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_falls_back_for_soft_capped_logits_and_handles_lora():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from llmkit import lm_loss
+
+    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "head_dim": 16}
+    assert lm_loss.ChunkedHead.attach(Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=30.0))) is None
+    torch.manual_seed(0)
+    lora = get_peft_model(LlamaForCausalLM(LlamaConfig(**small)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 64, (2, 10))
+    nll, count = lm_loss.plain_sum_nll(lora(input_ids=ids).logits, ids)
+    nll.backward()
+    expected = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
+    lora.zero_grad(set_to_none=True)
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    head = lm_loss.ChunkedHead.attach(lora)
+    assert head is not None and head.verified({"input_ids": ids}, no_autocast)
+    chunked, _ = head.sum_nll(lora, {"input_ids": ids}, ids, no_autocast)
+    chunked.backward()
+    torch.testing.assert_close(chunked, nll, rtol=1e-5, atol=1e-5)
+    for name, p in lora.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
