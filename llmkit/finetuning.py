@@ -273,21 +273,7 @@ def pack_examples(examples: Sequence[dict], seq_len: int) -> list[dict]:
 
 def padded_collate(pad_id: int):
     """Collate that pads to the longest example of the micro-batch (right padding, labels -100)."""
-    import torch
-
-    def collate(examples: list[dict]) -> dict[str, Any]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[row, :n] = torch.tensor(e["input_ids"])
-            labels[row, :n] = torch.tensor(e["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    return collate
+    return _collate(pad_id, packed=False)
 
 
 def packed_collate(pad_id: int):
@@ -297,20 +283,27 @@ def packed_collate(pad_id: int):
     and builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices). A row's
     padding tail gets its own positions 0..k, so it is a separate (untrained) sequence too.
     """
+    return _collate(pad_id, packed=True)
+
+
+def _collate(pad_id: int, packed: bool):
     import torch
 
     def collate(rows: list[dict]) -> dict[str, Any]:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        extra = torch.zeros((len(rows), width), dtype=torch.long)  # position ids, or the attention mask
         for row, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[row, :n] = torch.tensor(r["input_ids"])
             labels[row, :n] = torch.tensor(r["labels"])
-            positions[row, :n] = torch.tensor(r["position_ids"])
-            positions[row, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+            if packed:
+                extra[row, :n] = torch.tensor(r["position_ids"])
+                extra[row, n:] = torch.arange(width - n)
+            else:
+                extra[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
 
     return collate
 
@@ -371,28 +364,11 @@ def check_model_path(recipe: FinetuneRecipe) -> None:
 
 
 def load_tokenizer(recipe: FinetuneRecipe):
-    """The tokenizer named by `tokenizer`, else the one saved with model.path; a pad token is guaranteed."""
-    from transformers import AutoTokenizer
+    """The tokenizer named by `tokenizer`, else the one saved with model.path; EOS and a pad token guaranteed."""
+    from llmkit.modeling import load_tokenizer as load
 
-    name = recipe.tokenizer or recipe.model.path
     key = "tokenizer" if recipe.tokenizer else "model.path"
-    if recipe.tokenizer:
-        local_model_path(recipe.tokenizer, key="tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        where = (
-            ""
-            if Path(name).expanduser().exists()
-            else " (not a local directory, so it was looked up on the Hugging Face Hub)"
-        )
-        raise ModelError(
-            f"{key}: cannot load a tokenizer from {name}{where}: {str(exc).splitlines()[0]}"
-        ) from None
-    require_eos(tokenizer, key)
-    if tokenizer.pad_token_id is None:
-        # Padding positions carry label -100 and no attention, so any id works; EOS is always there.
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load(recipe.tokenizer or recipe.model.path, key)
     if recipe.task.type == "instruction":
         ensure_chat_template(tokenizer)
     return tokenizer

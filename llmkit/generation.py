@@ -87,17 +87,9 @@ def default_device() -> str:
 
 def load_tokenizer(path: str, where: str = "tokenizer"):
     """AutoTokenizer from a directory, with a pad token (EOS when the tokenizer defines none)."""
-    from transformers import AutoTokenizer
+    from llmkit.modeling import load_tokenizer as load
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{where}: cannot load a tokenizer from {path} ({str(exc).splitlines()[0]})"
-        ) from None
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load(path, where, require_eos=False)
 
 
 def load_model(

@@ -25,25 +25,32 @@ def padded_vocab_size(tokenizer_size: int, multiple: int = VOCAB_MULTIPLE) -> in
     return int(math.ceil(tokenizer_size / multiple) * multiple)
 
 
-def load_tokenizer(name_or_path: str | Path):
-    """Load a tokenizer with AutoTokenizer; ModelError naming the path when it cannot be read."""
+def load_tokenizer(name_or_path: str | Path, key: str = "tokenizer", require_eos: bool = True):
+    """AutoTokenizer with a pad token (EOS when it defines none); ModelError naming `key` when it cannot be read.
+
+    Training needs EOS (it separates packed documents and ends fine-tuning targets); generation does not.
+    """
     from transformers import AutoTokenizer
 
     path = Path(name_or_path).expanduser()
     if path.exists() and not path.is_dir():
-        raise ModelError(f"tokenizer {name_or_path}: is a file; give the directory a tokenizer was saved to")
+        raise ModelError(f"{key}: {name_or_path} is a file; give the directory a tokenizer was saved to")
+    if not path.exists():
+        local_model_path(str(name_or_path), key)  # fail at once for a missing run dir, not after Hub retries
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(name_or_path))
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError, ...
-        where = "no such directory and not loadable from the Hub" if not path.exists() else "cannot be loaded"
+        where = "not a local directory, and not loadable from the Hub" if not path.exists() else "cannot be loaded"
         raise ModelError(
-            f"tokenizer {name_or_path}: {where} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:140]}); "
+            f"{key}: {name_or_path}: {where} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:140]}); "
             "train one with `llmkit tokenizer train` and point tokenizer at its output_dir"
         ) from None
-    if tokenizer.eos_token_id is None:
-        raise ModelError(f"tokenizer {name_or_path}: has no eos_token; packing needs it to separate documents")
-    if tokenizer.pad_token_id is None:
-        # Padding is only used for validation batches; the EOS id is masked out of the loss there.
+    if require_eos and tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"{key}: {name_or_path}: the tokenizer has no eos_token; training needs it to end documents and targets"
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        # Padding positions carry label -100 and no attention, so any id works; EOS is always there.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -100,7 +107,7 @@ def local_model_path(path: str, key: str = "model.path") -> Path | None:
     if looks_local or not (_hub_reachable() or _in_hub_cache(path)):
         raise ModelError(
             f"{key}: {path} does not exist{'' if looks_local else ' locally and the Hugging Face Hub is not reachable'}; "
-            "train it first (e.g. `llmkit pretrain pretrain/tiny`) or point it at a checkpoint directory"
+            "run the stage that writes it first (llmkit tokenizer train / pretrain / finetune) or fix the path"
         )
     return None
 
