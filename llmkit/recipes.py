@@ -567,7 +567,8 @@ def format_validation_error(exc: ValidationError, cls: type[BaseModel], where: s
         return f"{prefix}: {dotted}: {err.get('input')!r} is not allowed (choose one of {', '.join(expected)}){hint}"
     if kind == "value_error":
         message = str(err.get("ctx", {}).get("error", err["msg"]))
-        return f"{prefix}: {message}" if not dotted else f"{prefix}: {dotted}: {message}"
+        # Cross-field messages already name their keys ("train.warmup_steps (500) is larger than ...").
+        return f"{prefix}: {message}" if not dotted or message.startswith(f"{dotted}.") else f"{prefix}: {dotted}: {message}"
     return f"{prefix}: {dotted}: {err['msg'].rstrip('.')} (got {err.get('input')!r})"
 
 
