@@ -37,8 +37,9 @@ sys.path.insert(0, str(HERE.parent))
 
 def worker_llmkit(cfg: dict) -> dict:
     """Tokenize and pack with llmkit's cache; report time and counts."""
-    from llmkit.data import PackedBlocks, open_cache, prepare_cache
-    from llmkit.modeling import load_tokenizer
+    from llmkit.data.lm import open_cache, prepare_cache
+    from llmkit.data.packing import PackedBlocks
+    from llmkit.models import load_tokenizer
     from llmkit.recipes import recipe_from_dict
 
     recipe = recipe_from_dict(

@@ -43,7 +43,7 @@ def build_model(workdir: Path, vocab_size: int, hidden_size: int, layers: int, p
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    from llmkit.sources import iter_texts
+    from llmkit.data.sources import iter_texts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -117,9 +117,9 @@ def bench_perplexity(
 ) -> dict:
     import torch
 
-    from llmkit.evaluation import perplexity
-    from llmkit.generation import load_model
-    from llmkit.sources import iter_texts
+    from llmkit.data.sources import iter_texts
+    from llmkit.metrics.perplexity import perplexity
+    from llmkit.models import load_model
 
     model, tokenizer = load_model(str(model_dir), device=device)
     texts = list(iter_texts(["builtin:pydoc/test"]))
@@ -169,10 +169,11 @@ def bench_generation(
 ) -> dict:
     from transformers import pipeline
 
-    from llmkit.generation import generate_ids, load_model
+    from llmkit.data.sft import format_example, prompt_token_ids
+    from llmkit.data.sources import load_records
+    from llmkit.generation import generate_ids
+    from llmkit.models import load_model
     from llmkit.recipes import GenerationSpec, TaskSpec
-    from llmkit.sources import load_records
-    from llmkit.tasks import format_example, prompt_token_ids
 
     model, tokenizer = load_model(str(model_dir), device=device)
     task = TaskSpec(type="summarization")
@@ -224,8 +225,8 @@ def bench_generation(
 def bench_rouge(repeats: int) -> dict:
     from rouge_score import rouge_scorer
 
+    from llmkit.data.sources import load_records
     from llmkit.metrics.rouge import per_example_scores, scoring
-    from llmkit.sources import load_records
 
     records = load_records(["builtin:docsum/train"])
     # Realistic pairs: a lead-40-words "summary" of each document against its reference, plus a
@@ -286,7 +287,7 @@ def main() -> None:
     only = set(args.only or ["perplexity", "generation", "rouge"])
     import torch
 
-    from llmkit.generation import default_device
+    from llmkit.models import default_device
 
     device = args.device or default_device()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None

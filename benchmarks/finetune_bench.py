@@ -46,7 +46,7 @@ def build_tokenizer(out: Path, vocab_size: int) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llmkit.sources import iter_texts
+    from llmkit.data.sources import iter_texts
 
     specials = {
         "bos_token": "<|bos|>",
@@ -147,7 +147,8 @@ class Stamps:
 
 def sft_examples(model_dir: Path, args):
     """Tokenized docsum examples, exactly as llmkit trains on them (shared by every side)."""
-    from llmkit.finetuning import load_tokenizer, split_records, tokenize_splits
+    from llmkit.data.sft import split_records, tokenize_splits
+    from llmkit.stages.finetune import load_tokenizer
 
     recipe = make_recipe(model_dir, Path(args.work) / "unused", args, packing=False)
     tokenizer = load_tokenizer(recipe)
@@ -159,8 +160,10 @@ def run_llmkit(model_dir: Path, sft, tokenizer, args, packing: bool, run_dir: Pa
     """tokens/s of llmkit.train.fit on the shared examples."""
     import shutil
 
-    from llmkit.finetuning import build_train_data, enable_packing, load_model
-    from llmkit.train import fit
+    from llmkit.data.sft import build_train_data
+    from llmkit.models import build_model as load_model
+    from llmkit.models import enable_packing
+    from llmkit.training.loop import fit
 
     shutil.rmtree(run_dir, ignore_errors=True)
     recipe = make_recipe(model_dir, run_dir, args, packing=packing)
@@ -249,8 +252,10 @@ def memory_worker(args) -> None:
     """One training run in this process; prints a JSON line with its memory growth."""
     import torch
 
-    from llmkit.finetuning import apply_lora, build_train_data, enable_packing, load_model, lora_saver
-    from llmkit.train import fit
+    from llmkit.data.sft import build_train_data
+    from llmkit.models import apply_lora, enable_packing, save_lora
+    from llmkit.models import build_model as load_model
+    from llmkit.training.loop import fit
 
     model_dir = Path(args.work) / "model-memory"
     sft, tokenizer = sft_examples(model_dir, args)
@@ -278,7 +283,7 @@ def memory_worker(args) -> None:
             model,
             tokenizer,
             data,
-            save_final=lora_saver(recipe) if recipe.lora.enabled else None,
+            save_final=(lambda m, t, d: save_lora(m, t, d, recipe.lora.merge)) if recipe.lora.enabled else None,
             overwrite=True,
         )
     if args.device == "cuda":

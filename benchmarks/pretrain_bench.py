@@ -53,7 +53,7 @@ def build_fixtures(root: Path, vocab: int) -> tuple[Path, Path]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llmkit.sources import iter_texts
+    from llmkit.data.sources import iter_texts
 
     texts = list(iter_texts("builtin:pydoc/train"))
     corpus = root / "corpus.jsonl"
@@ -120,7 +120,7 @@ def steady_rate(stamps: list[float], tokens_per_step: int, warmup: int) -> float
 def worker_llmkit(cfg: dict) -> dict:
     """Run `llmkit pretrain` in-process and return its steady-state tokens/s and MFU."""
     from llmkit.recipes import recipe_from_dict
-    from llmkit.train import pretrain
+    from llmkit.stages.pretrain import run as pretrain
 
     out = Path(cfg["workdir"]) / f"llmkit-{cfg['precision']}-{os.getpid()}"
     recipe = {

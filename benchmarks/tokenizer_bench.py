@@ -89,7 +89,7 @@ def build_corpus(min_mb: float) -> dict:
 
 def run_llmkit(vocab_size: int) -> dict:
     from llmkit.recipes import recipe_from_dict
-    from llmkit.tokenizer import train_tokenizer
+    from llmkit.stages.tokenizer import run as train_tokenizer
 
     recipe = recipe_from_dict(
         {

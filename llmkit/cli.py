@@ -1,15 +1,17 @@
-"""The `llmkit` command line: parse, load the recipe, call one library function, map errors to exit codes.
+"""The `llmkit` command line: parse, load the recipe, call one stage function, map errors to exit codes.
 
     llmkit quickstart runs/quickstart
     llmkit pretrain pretrain/tiny --set train.max_steps=50
 
-Heavy libraries (torch, transformers, datasets) are imported inside the commands so that
-`llmkit --help` and `llmkit --version` answer instantly.
+Each command is a few lines: load the recipe (llmkit/recipes.py), then call `run` of its stage
+module in llmkit/stages/ (STAGES below). Stage modules are imported when their command runs, so
+`llmkit --help` and `llmkit --version` never import torch or transformers and answer instantly.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +21,26 @@ import typer
 
 from llmkit import __version__
 from llmkit.errors import Interrupted, LlmkitError
+from llmkit.recipes import bundled_dir, bundled_names, load_recipe, resolve_recipe_path, schema_reference
+
+# Command -> the module in llmkit/stages/ whose functions it calls.
+STAGES = {
+    "tokenizer train": "tokenizer",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "eval": "evaluate",
+    "generate": "generate",
+    "validate": "validate",
+    "quickstart": "quickstart",
+    "plot": "plot",
+    "data prepare": "data",
+    "data inspect": "data",
+}
+
+
+def stage(command: str):
+    """The stage module behind `command` (imported now: it pulls in torch and transformers)."""
+    return importlib.import_module(f"llmkit.stages.{STAGES[command]}")
 
 app = typer.Typer(
     name="llmkit",
@@ -93,48 +115,28 @@ def _root(
 @handles_errors
 def tokenizer_train(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Train a BPE, Unigram or WordPiece tokenizer on a corpus."""
-    from llmkit.recipes import load_recipe
-
-    loaded = load_recipe(recipe, set_, stage="tokenizer")
-    from llmkit.tokenizer import train_tokenizer
-
-    train_tokenizer(loaded, overwrite=overwrite)
+    stage("tokenizer train").run(load_recipe(recipe, set_, stage="tokenizer"), overwrite=overwrite)
 
 
 @app.command()
 @handles_errors
 def pretrain(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Pretrain a causal LM (resumes when output_dir holds a checkpoint). Multi-GPU: accelerate launch -m llmkit pretrain."""
-    from llmkit.recipes import load_recipe
-
-    loaded = load_recipe(recipe, set_, stage="pretrain")
-    from llmkit.train import pretrain as run
-
-    run(loaded, overwrite=overwrite)
+    stage("pretrain").run(load_recipe(recipe, set_, stage="pretrain"), overwrite=overwrite)
 
 
 @app.command()
 @handles_errors
 def finetune(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Fine-tune a checkpoint on summarization, instruction, classification or text, full or LoRA."""
-    from llmkit.recipes import load_recipe
-
-    loaded = load_recipe(recipe, set_, stage="finetune")
-    from llmkit.finetuning import finetune as run
-
-    run(loaded, overwrite=overwrite)
+    stage("finetune").run(load_recipe(recipe, set_, stage="finetune"), overwrite=overwrite)
 
 
 @app.command("eval")
 @handles_errors
 def eval_(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Score one or several checkpoints: perplexity, ROUGE, accuracy, exact match, BLEU."""
-    from llmkit.recipes import load_recipe
-
-    loaded = load_recipe(recipe, set_, stage="eval")
-    from llmkit.evaluation import evaluate_recipe
-
-    evaluate_recipe(loaded, overwrite=overwrite)
+    stage("eval").run(load_recipe(recipe, set_, stage="eval"), overwrite=overwrite)
 
 
 @app.command()
@@ -155,9 +157,7 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
 ) -> None:
     """Sample text from any checkpoint."""
-    from llmkit.generation import generate_command
-
-    generate_command(
+    stage("generate").run(
         model=model,
         prompt=prompt,
         file=file,
@@ -178,15 +178,7 @@ def generate(
 @handles_errors
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe and print it resolved, with the plan (parameters, tokens per step, steps, FLOPs)."""
-    from llmkit.recipes import load_recipe, recipe_to_yaml
-
-    loaded = load_recipe(recipe, set_)
-    from llmkit.plan import describe_plan
-
-    plan = describe_plan(loaded)  # before printing anything: a plan that fails prints one error line only
-    typer.echo(recipe_to_yaml(loaded).rstrip())
-    typer.echo("\n# plan")
-    typer.echo(plan)
+    typer.echo(stage("validate").run(load_recipe(recipe, set_)))
 
 
 @app.command()
@@ -196,9 +188,7 @@ def quickstart(
     fast: Annotated[bool, typer.Option("--fast", help="A much shorter run, for smoke tests.")] = False,
 ) -> None:
     """Run the whole pipeline on built-in data: tokenizer -> pretrain -> finetune -> eval -> generate."""
-    from llmkit.quickstart import run_quickstart
-
-    run_quickstart(output_dir, fast=fast)
+    stage("quickstart").run(output_dir, fast=fast)
 
 
 @app.command()
@@ -208,9 +198,7 @@ def plot(
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path("curves.png"),
 ) -> None:
     """Plot loss and learning-rate curves of one or several runs to a PNG."""
-    from llmkit.plotting import plot_runs
-
-    typer.echo(plot_runs(run_dirs, output))
+    typer.echo(stage("plot").run(run_dirs, output))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,12 +210,7 @@ def plot(
 @handles_errors
 def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Tokenize and pack a recipe's data into the cache ahead of training."""
-    from llmkit.recipes import load_recipe
-
-    loaded = load_recipe(recipe, set_)
-    from llmkit.data import prepare_command
-
-    prepare_command(loaded)
+    stage("data prepare").prepare(load_recipe(recipe, set_))
 
 
 @data_app.command("inspect")
@@ -238,12 +221,7 @@ def data_inspect(
     num_examples: Annotated[int, typer.Option("--num", "-n", help="Examples to show.")] = 3,
 ) -> None:
     """Show formatted training examples with trained and masked tokens told apart."""
-    from llmkit.recipes import load_recipe
-
-    loaded = load_recipe(recipe, set_, stage="finetune")
-    from llmkit.finetuning import inspect_command
-
-    inspect_command(loaded, num_examples=num_examples)
+    stage("data inspect").inspect(load_recipe(recipe, set_, stage="finetune"), num_examples=num_examples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +233,6 @@ def data_inspect(
 @handles_errors
 def recipes_list() -> None:
     """List the bundled recipes with their one-line purpose."""
-    from llmkit.recipes import bundled_dir, bundled_names
-
     root = bundled_dir()
     for name in bundled_names():
         first = (root / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[:1]
@@ -268,8 +244,6 @@ def recipes_list() -> None:
 @handles_errors
 def recipes_show(name: Annotated[str, typer.Argument(help="Bundled recipe name, e.g. pretrain/tiny.")]) -> None:
     """Print a bundled recipe."""
-    from llmkit.recipes import resolve_recipe_path
-
     typer.echo(resolve_recipe_path(name).read_text(encoding="utf-8").rstrip())
 
 
@@ -281,8 +255,6 @@ def recipes_copy(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Copy a bundled recipe to edit it."""
-    from llmkit.recipes import resolve_recipe_path
-
     source = resolve_recipe_path(name)
     target = dest / source.name if dest.is_dir() else dest
     if target.exists() and not force:
@@ -296,8 +268,6 @@ def recipes_copy(
 @handles_errors
 def recipes_reference() -> None:
     """Print the reference of every recipe key (type, default, meaning) as Markdown."""
-    from llmkit.recipes import schema_reference
-
     typer.echo(schema_reference().rstrip())
 
 

@@ -38,3 +38,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return " (did you mean 'x'?)" for the closest choice, or "" when nothing is close."""
     matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+class TrainingError(LlmkitError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+    exit_code = 1

@@ -21,6 +21,11 @@ from llmkit.errors import RecipeError, did_you_mean
 STAGES = ("tokenizer", "pretrain", "finetune", "eval")
 
 
+RESUMABLE = {"resumable": True}
+"""Marks a field that may change between an interrupted run and its resumption: it changes the
+budget or the bookkeeping, not what a given step computes (see `resumable_keys`)."""
+
+
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are validated."""
 
@@ -162,8 +167,9 @@ class LMData(Section):
         "none",
         description="Packed-document boundaries: none, restart position ids per document, or also block cross-document attention.",
     )
-    cache_dir: Path | None = Field(None, description="Tokenization cache (default: ~/.cache/llmkit/data).")
-    num_proc: int | None = Field(None, ge=1, description="Processes for tokenization (default: CPU count).")
+    cache_dir: Path | None = Field(
+        None, description="Tokenization cache (default: $LLMKIT_CACHE_DIR, else ~/.cache/llmkit/data).", json_schema_extra=RESUMABLE
+    )
 
     @field_validator("train", "validation", mode="before")
     @classmethod
@@ -174,8 +180,8 @@ class LMData(Section):
 class TrainConfig(Section):
     """Optimisation, schedule, budget, checkpointing and logging."""
 
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (or give max_tokens).")
-    max_tokens: int | None = Field(None, ge=1, description="Training budget in tokens; sets max_steps.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (or give max_tokens).", json_schema_extra=RESUMABLE)
+    max_tokens: int | None = Field(None, ge=1, description="Training budget in tokens; sets max_steps.", json_schema_extra=RESUMABLE)
     micro_batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
@@ -187,11 +193,11 @@ class TrainConfig(Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
     seed: int = Field(1234, description="Seed for model init, data order and dropout.")
-    save_every: int = Field(500, ge=1, description="Save a resumable checkpoint every this many steps.")
-    eval_every: int = Field(500, ge=1, description="Run validation every this many steps.")
-    eval_batches: int | None = Field(None, ge=1, description="Cap validation at this many batches.")
-    log_every: int = Field(10, ge=1, description="Log training metrics every this many steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    save_every: int = Field(500, ge=1, description="Save a resumable checkpoint every this many steps.", json_schema_extra=RESUMABLE)
+    eval_every: int = Field(500, ge=1, description="Run validation every this many steps.", json_schema_extra=RESUMABLE)
+    eval_batches: int | None = Field(None, ge=1, description="Cap validation at this many batches.", json_schema_extra=RESUMABLE)
+    log_every: int = Field(10, ge=1, description="Log training metrics every this many steps.", json_schema_extra=RESUMABLE)
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints to keep.", json_schema_extra=RESUMABLE)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on GPUs that support it, otherwise fp32."
     )
@@ -199,8 +205,8 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model.")
     chunked_loss: bool = Field(True, description="Output layer + cross-entropy in token chunks, without full logits (same loss).")
     skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many steps with a non-finite loss before stopping.")
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers.", json_schema_extra=RESUMABLE)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.", json_schema_extra=RESUMABLE)
 
     @model_validator(mode="after")
     def _check_budget(self) -> TrainConfig:
@@ -267,7 +273,9 @@ class FinetuneData(Section):
     packing: bool = Field(False, description="Pack several examples per row (no cross-example attention where supported).")
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
-    cache_dir: Path | None = Field(None, description="Tokenization cache (default: ~/.cache/llmkit/data).")
+    cache_dir: Path | None = Field(
+        None, description="Tokenization cache (default: $LLMKIT_CACHE_DIR, else ~/.cache/llmkit/data).", json_schema_extra=RESUMABLE
+    )
 
     @field_validator("train", "validation", mode="before")
     @classmethod
@@ -292,8 +300,8 @@ class LoraSpec(Section):
 class TaskEval(Section):
     """Task metric on a validation sample during fine-tuning."""
 
-    samples: int = Field(32, ge=0, description="Validation examples generated for the task metric (0 disables).")
-    max_new_tokens: int = Field(64, ge=1, description="Generation length for the task metric.")
+    samples: int = Field(32, ge=0, description="Validation examples generated for the task metric (0 disables).", json_schema_extra=RESUMABLE)
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for the task metric.", json_schema_extra=RESUMABLE)
 
 
 class FinetuneRecipe(Section):
@@ -321,9 +329,6 @@ class FinetuneRecipe(Section):
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-
-
-METRICS = ("perplexity", "rouge", "accuracy", "exact_match", "bleu")
 
 
 class EvalModel(Section):
@@ -632,19 +637,21 @@ def check_model_overrides(model: ModelSpec) -> None:
             )
 
 
+def resumable_keys(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Dotted keys (as tuples) of the fields marked RESUMABLE anywhere in a recipe class."""
+    keys: set[tuple[str, ...]] = set()
+    for name, field in cls.model_fields.items():
+        if (field.json_schema_extra or {}).get("resumable"):
+            keys.add((*prefix, name))
+        sub = _first_model(field.annotation)
+        if sub is not None and sub is not HubSource:
+            keys |= resumable_keys(sub, (*prefix, name))
+    return keys
+
+
 def recipe_to_yaml(recipe: BaseModel) -> str:
     """The resolved recipe as YAML, every default filled in."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def write_resolved(recipe: BaseModel, output_dir: Path) -> Path:
-    """Write output_dir/recipe.yaml atomically."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / "recipe.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    tmp.replace(target)
-    return target
 
 
 def schema_reference() -> str:

@@ -79,7 +79,7 @@ def run_in_process(recipe: dict, overwrite: bool = False) -> dict:
     from accelerate.state import AcceleratorState
 
     from llmkit.recipes import recipe_from_dict
-    from llmkit.train import pretrain
+    from llmkit.stages.pretrain import run as pretrain
 
     os.environ.setdefault("LLMKIT_PEAK_FLOPS", "1e11")  # skip the matmul benchmark: tests check correctness
     # One thread: on a shared 2-core machine, OpenMP kernels with 2 threads mostly wait for each other.

@@ -20,7 +20,7 @@ from llmkit.recipes import recipe_from_dict
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from llmkit.modeling import load_tokenizer
+    from llmkit.models import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -33,13 +33,13 @@ def recipe(tmp_path, tokenizer_dir):
 
 def _independent_tokens(recipe, tokenizer) -> list[list[int]]:
     """Each document as tokenizer(text) returns it, plus EOS: what packing must keep, in order."""
-    from llmkit.sources import iter_texts
+    from llmkit.data.sources import iter_texts
 
     return [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in iter_texts(recipe.data.train)]
 
 
 def test_packing_keeps_every_token_but_the_final_partial_block(recipe, tokenizer):
-    from llmkit.data import lm_train_data
+    from llmkit.data.lm import lm_train_data
 
     data = lm_train_data(recipe, tokenizer, world_size=1)
     docs = _independent_tokens(recipe, tokenizer)
@@ -76,7 +76,8 @@ def test_second_prepare_hits_the_cache_and_says_so(tmp_path, tokenizer_dir, caps
 
 
 def test_position_ids_restart_at_each_document(recipe, tokenizer):
-    from llmkit.data import collate_blocks, lm_train_data
+    from llmkit.data.lm import lm_train_data
+    from llmkit.data.packing import collate_blocks
 
     recipe.data.doc_masking = "position_ids"
     data = lm_train_data(recipe, tokenizer, world_size=1)
@@ -102,7 +103,7 @@ def test_attention_stays_within_each_document(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.data import block_positions, collate_blocks
+    from llmkit.data.packing import block_positions, collate_blocks
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     gen = torch.Generator().manual_seed(0)
@@ -120,7 +121,8 @@ def test_attention_stays_within_each_document(tiny_model_dir):
 
 
 def test_validation_fraction_holds_out_whole_documents(tmp_path, tokenizer_dir, tokenizer):
-    from llmkit.data import held_out, lm_train_data
+    from llmkit.data.lm import lm_train_data
+    from llmkit.data.splits import held_out
 
     corpus = write_corpus(tmp_path, docs=30)
     recipe = recipe_from_dict(recipe_dict(tmp_path, tokenizer_dir, corpus, data={"validation_fraction": 0.2}), stage="pretrain")
@@ -136,7 +138,7 @@ def test_validation_fraction_holds_out_whole_documents(tmp_path, tokenizer_dir, 
 
 @pytest.mark.parametrize("doc_masking", ["none", "position_ids"])
 def test_streaming_yields_the_cached_blocks_and_resumes_from_a_position(recipe, tokenizer, doc_masking):
-    from llmkit.data import lm_train_data
+    from llmkit.data.lm import lm_train_data
 
     recipe.data.doc_masking = doc_masking
     cached = lm_train_data(recipe, tokenizer, world_size=1).train
@@ -171,7 +173,7 @@ def test_streaming_run_resumes_to_the_same_weights(tmp_path, tokenizer_dir):
 
 
 def test_non_main_processes_wait_for_the_cache_without_collectives(recipe, tokenizer):
-    from llmkit.data import prepare_cache
+    from llmkit.data.lm import prepare_cache
 
     result = {}
     waiter = threading.Thread(target=lambda: result.update(path=prepare_cache(recipe, tokenizer, main_process=False, poll_s=0.05)))
@@ -186,7 +188,7 @@ def test_non_main_processes_wait_for_the_cache_without_collectives(recipe, token
 def test_packed_blocks_pickle_by_file_name_for_loader_workers(recipe, tokenizer):
     import pickle
 
-    from llmkit.data import lm_train_data
+    from llmkit.data.lm import lm_train_data
 
     blocks = lm_train_data(recipe, tokenizer, world_size=1).train
     payload = pickle.dumps(blocks)

@@ -108,7 +108,7 @@ def perplexity_recipe(tmp_path: Path, model, docs: Path, **data) -> dict:
 
 
 def test_windows_score_every_token_once_with_enough_context():
-    from llmkit.evaluation import perplexity_windows
+    from llmkit.metrics.perplexity import perplexity_windows
 
     for length in (0, 1, 2, 7, 8, 9, 31, 32, 33, 100):
         for seq_len, stride in ((8, 3), (8, 7), (8, 4), (5, 1)):
@@ -146,8 +146,8 @@ def test_perplexity_matches_independent_computation(tmp_path, tiny_model_dir, do
 
 
 def test_perplexity_does_not_depend_on_batching(tiny_model_dir):
-    from llmkit.evaluation import perplexity
-    from llmkit.generation import load_model
+    from llmkit.metrics.perplexity import perplexity
+    from llmkit.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
     one = perplexity(model, tokenizer, DOCS, seq_len=24, stride=5, batch_size=1)
@@ -341,7 +341,7 @@ def test_generation_metric_without_a_task(tmp_path, tiny_model_dir, summaries_fi
 
 
 def test_task_metric_helpers():
-    from llmkit.evaluation import accuracy, exact_match
+    from llmkit.metrics.text import accuracy, exact_match
 
     assert accuracy([" Positive\nextra", "neg"], ["positive", "positive"]) == 0.5
     assert exact_match(["a  b", "c"], ["a b", "C"]) == 0.5

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.finetuning import finetune
 from llmkit.recipes import recipe_from_dict
+from llmkit.stages.finetune import run as finetune
 
 runner = CliRunner()
 
@@ -177,7 +177,8 @@ def test_lora_trains_only_adapters_and_merged_equals_base_plus_adapter(tmp_path,
     # random base learns slowly, so compare deterministically rather than noisy batch losses).
     from transformers import AutoTokenizer
 
-    from llmkit.finetuning import load_located_records, padded_collate, tokenize_records
+    from llmkit.data.packing import padded_collate
+    from llmkit.data.sft import load_located_records, tokenize_records
 
     tokenizer = AutoTokenizer.from_pretrained(run)
     examples, _ = tokenize_records(recipe, load_located_records(recipe.data.train), tokenizer)
@@ -330,6 +331,6 @@ def test_data_prepare_fills_the_cache_that_finetune_reads(tmp_path, tiny_model_d
     first = runner.invoke(app, ["data", "prepare", str(path)])
     assert first.exit_code == 0, first.output
     assert "tokenized: train: 24 records -> 24 examples" in first.output
-    assert len(list((tmp_path / "cache").glob("sft-*.json"))) == 1
+    assert len(list((tmp_path / "cache").glob("sft-*/COMPLETE"))) == 1
     again = runner.invoke(app, ["data", "prepare", str(path)])
     assert again.exit_code == 0 and "cached: train: 24 records" in again.output

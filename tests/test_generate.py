@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.generation import generate_texts, load_model
+from llmkit.generation import generate_texts
+from llmkit.models import load_model
 from llmkit.recipes import GenerationSpec
 
 runner = CliRunner()
@@ -119,7 +120,7 @@ def test_cli_chat_mode(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, chat_dir)
     from transformers import AutoTokenizer
 
-    from llmkit.tasks import DEFAULT_CHAT_TEMPLATE
+    from llmkit.data.sft import DEFAULT_CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(chat_dir)
     tok.chat_template = DEFAULT_CHAT_TEMPLATE

@@ -82,7 +82,7 @@ def test_validate_prints_the_plan(tmp_path, tokenizer_dir, corpus):
 
 
 def test_flops_and_parameter_counts_match_an_independent_count(tokenizer_dir, tmp_path, corpus):
-    from llmkit.modeling import flops_per_token, meta_model, model_config, parameter_counts
+    from llmkit.models import flops_per_token, meta_model, model_config, parameter_counts
     from llmkit.recipes import recipe_from_dict
 
     recipe = recipe_from_dict(recipe_dict(tmp_path, tokenizer_dir, corpus[0]), stage="pretrain")
@@ -163,7 +163,7 @@ def test_rerunning_a_finished_run_with_more_steps_continues_it(tmp_path, tokeniz
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, tokenizer_dir, corpus):
     recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"lr": 1e6, "grad_clip": None, "warmup_steps": 0, "save_every": 2})
-    from llmkit.train import TrainingError
+    from llmkit.errors import TrainingError
 
     with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step \d+.*last good checkpoint is .*step-0000000\d"):
         run_in_process(recipe)
@@ -172,7 +172,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, tokenizer_dir, corpus):
 
 def test_skip_nonfinite_steps_skips_then_stops(tmp_path, tokenizer_dir, corpus):
     recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"lr": 1e6, "grad_clip": None, "warmup_steps": 0, "skip_nonfinite_steps": 2})
-    from llmkit.train import TrainingError
+    from llmkit.errors import TrainingError
 
     with pytest.raises(TrainingError, match="non-finite loss"):
         run_in_process(recipe)
@@ -219,7 +219,7 @@ def test_chunked_loss_matches_the_model_logits_loss_and_gradients(monkeypatch, t
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmkit import lm_loss
+    from llmkit.training import loss as lm_loss
 
     monkeypatch.setattr(lm_loss, "chunk_rows", lambda vocab, device: 7)  # several chunks and a ragged last one
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ def test_chunked_loss_falls_back_for_soft_capped_logits_and_handles_lora():
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from llmkit import lm_loss
+    from llmkit.training import loss as lm_loss
 
     small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "num_key_value_heads": 2, "head_dim": 16}

@@ -135,7 +135,8 @@ class _Crash(Exception):
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(setup, tokenizer_dir, monkeypatch):
-    from llmkit import checkpoints
+    from llmkit import rundir
+    from llmkit.training import checkpoints
 
     tmp, corpus, reference, reference_trace = setup
     recipe = _recipe(tmp, tokenizer_dir, corpus, "crashed")
@@ -152,7 +153,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(setup, tokenizer_di
     monkeypatch.setattr(checkpoints, "_write_json", real)
     root = Path(recipe["output_dir"]) / "checkpoints"
     assert (root / ".tmp-step-00000015").is_dir() and not (root / "step-00000015").exists()
-    assert checkpoints.latest_checkpoint(recipe["output_dir"]).name == "step-00000010"
+    assert rundir.latest_checkpoint(recipe["output_dir"]).name == "step-00000010"
     (tmp / "trace-crashed").mkdir()
     # The trace of the crashed run is gone, so only check the weights and where it resumed.
     os.environ["LLMKIT_TRACE_SAMPLES"] = str(tmp / "trace-crashed")

@@ -12,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from llmkit.data.builtin import docsum_records, pydoc_records
+from llmkit.data.sources import TEXT_CHUNK_CHARS, describe, fingerprint, iter_records, iter_texts
 from llmkit.errors import DataError
-from llmkit.sources import (
-    TEXT_CHUNK_CHARS,
-    describe,
-    docsum_records,
-    fingerprint,
-    iter_records,
-    iter_texts,
-    load_records,
-    pydoc_records,
-)
+
+
+def load_records(sources, max_samples=None) -> list[dict]:
+    """Every record of `sources`, in order."""
+    return list(iter_records(sources, max_samples=max_samples))
 
 RECORDS = [{"text": "first document", "label": 1}, {"text": "second — ünïcode 中文 🙂", "label": 2}]
 
@@ -230,9 +227,9 @@ def test_pydoc_corpus_is_deterministic_and_split_disjoint():
     assert len(splits["train"]) > 0.8 * len(records) and splits["validation"] and splits["test"]
     # rebuilding from scratch gives the very same corpus
     pydoc_records.cache_clear()
-    from llmkit import sources
+    from llmkit.data import builtin
 
-    sources._stdlib_docs.cache_clear()
+    builtin._stdlib_docs.cache_clear()
     assert [r for _, r in pydoc_records()] == records
 
 
@@ -283,7 +280,7 @@ def test_hub_load_failure_is_one_line(monkeypatch):
 
 
 def test_located_records_name_file_and_line(tmp_path):
-    from llmkit.sources import iter_located_records
+    from llmkit.data.sources import iter_located_records
 
     path = write_jsonl(tmp_path / "a.jsonl", RECORDS)
     assert [where for where, _ in iter_located_records(str(path))] == [f"{path}:1", f"{path}:2"]

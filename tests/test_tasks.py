@@ -9,20 +9,9 @@ import json
 
 import pytest
 
-from llmkit.errors import DataError, RecipeError
-from llmkit.finetuning import (
-    IGNORE_INDEX,
-    enable_packing,
-    grouped_batch_order,
-    pack_examples,
-    packed_collate,
-    padded_collate,
-    render_mask,
-    tokenize_record,
-    tokenize_records,
-)
-from llmkit.recipes import TaskSpec, recipe_from_dict
-from llmkit.tasks import (
+from llmkit.data.batches import grouped_batch_order
+from llmkit.data.packing import IGNORE_INDEX, pack_examples, packed_collate, padded_collate
+from llmkit.data.sft import (
     DEFAULT_CHAT_TEMPLATE,
     format_example,
     format_record,
@@ -30,7 +19,13 @@ from llmkit.tasks import (
     prompt_token_ids,
     task_defaults,
     template_fields,
+    tokenize_record,
+    tokenize_records,
 )
+from llmkit.errors import DataError, RecipeError
+from llmkit.models import enable_packing
+from llmkit.recipes import TaskSpec, recipe_from_dict
+from llmkit.stages.data import render_mask
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +272,7 @@ def test_packed_rows_do_not_attend_across_examples(tiny_model_dir):
 
 
 def test_classification_label_outside_the_set_names_the_line(tmp_path, tokenizer):
-    from llmkit.finetuning import resolve_task
+    from llmkit.data.sft import resolve_task
 
     r = recipe({"type": "classification", "labels": ["neg", "pos"]})
     with pytest.raises(DataError, match="v.jsonl:2: label 'meh' is not in the label set"):

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.recipes import load_recipe, recipe_from_dict
-from llmkit.tokenizer import MIXED_SCRIPT, train_tokenizer
+from llmkit.stages.tokenizer import MIXED_SCRIPT
+from llmkit.stages.tokenizer import run as train_tokenizer
 
 ROUND_TRIP = [
     MIXED_SCRIPT,

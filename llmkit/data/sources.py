@@ -1,6 +1,6 @@
 """Corpus sources: local files, globs and directories, hub datasets, and the built-in demo corpora.
 
-    python -c "from llmkit.sources import iter_texts; print(next(iter_texts('builtin:pydoc/train'))[:300])"
+    python -c "from llmkit.data.sources import iter_texts; print(next(iter_texts('builtin:pydoc/train'))[:300])"
 
 A recipe's `data.train` / `data.validation` / `data.test` is a list of sources:
 
@@ -9,7 +9,7 @@ A recipe's `data.train` / `data.validation` / `data.test` is a list of sources:
   documents), `.jsonl` / `.json` / `.csv` / `.tsv` / `.parquet` rows are records; `.gz`, `.bz2` and
   `.xz` compressed text formats are read transparently;
 - `builtin:pydoc[/SPLIT]` and `builtin:docsum[/SPLIT]`, demo corpora built from text that ships with
-  Python (see `pydoc_records` and `docsum_records`); SPLIT is train, validation or test;
+  Python (see llmkit/data/builtin.py); SPLIT is train, validation or test;
 - `hub:ID` or a HubSource mapping `{hub: ID, name: CONFIG, split: train, max_samples: N}`,
   streamed with `datasets.load_dataset(..., streaming=True)`.
 
@@ -21,10 +21,8 @@ Every problem with a source raises `DataError` with one line naming the file, li
 
 from __future__ import annotations
 
-import ast
 import bz2
 import csv
-import functools
 import glob
 import gzip
 import hashlib
@@ -32,14 +30,12 @@ import json
 import lzma
 import os
 import platform
-import re
 import sys
-import sysconfig
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llmkit.data.builtin import BUILTIN_LAYOUT, parse_builtin, read_builtin
 from llmkit.errors import DataError, did_you_mean
 from llmkit.recipes import HubSource
 
@@ -62,11 +58,6 @@ FORMATS = {
 COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 SUPPORTED_HINT = ".txt, .jsonl, .json, .csv, .tsv, .parquet (text formats may be .gz/.bz2/.xz compressed)"
 
-SPLITS = ("train", "validation", "test")
-BUILTIN_NAMES = ("pydoc", "docsum")
-BUILTIN_LAYOUT = 1
-"""Bump when the built-in corpora's construction changes, so fingerprints (and data caches) change too."""
-
 
 # --------------------------------------------------------------------------------------------
 # Public API
@@ -88,7 +79,7 @@ def iter_located_records(sources: Sources, max_samples: int | None = None) -> It
         if max_samples is not None and count >= max_samples:
             return  # before reading further: a capped read never touches the rest of the corpus
     if count == 0:
-        raise DataError(f"{_short(sources)}: the sources hold no records; check the files are not empty")
+        raise DataError(f"{source_names(sources)}: the sources hold no records; check the files are not empty")
 
 
 def iter_texts(sources: Sources, text_field: str = "text", max_samples: int | None = None) -> Iterator[str]:
@@ -103,19 +94,14 @@ def iter_texts(sources: Sources, text_field: str = "text", max_samples: int | No
         if max_samples is not None and count >= max_samples:
             return
     if count == 0:
-        raise DataError(f"{_short(sources)}: no text found in field {text_field!r}; the corpus is empty")
-
-
-def load_records(sources: Sources, max_samples: int | None = None) -> list[dict]:
-    """All records of the sources as a list (for small task data such as summarization sets)."""
-    return list(iter_records(sources, max_samples=max_samples))
+        raise DataError(f"{source_names(sources)}: no text found in field {text_field!r}; the corpus is empty")
 
 
 def check_sources(sources: Sources) -> None:
     """Fail early with DataError if a local source is missing/empty or a built-in name or split is unknown."""
     for source in _normalise(sources):
         if isinstance(source, str) and source.startswith("builtin:"):
-            _parse_builtin(source)
+            parse_builtin(source)
         elif isinstance(source, str) and not source.startswith("hub:"):
             _expand(source)
 
@@ -129,7 +115,7 @@ def fingerprint(sources: Sources, **settings: Any) -> str:
         elif source.startswith("hub:"):
             parts.append(["hub", source])
         elif source.startswith("builtin:"):
-            name, split = _parse_builtin(source)
+            name, split = parse_builtin(source)
             parts.append(["builtin", name, split, BUILTIN_LAYOUT, platform.python_version()])
         else:
             for path in _expand(source):
@@ -149,7 +135,7 @@ def describe(sources: Sources) -> str:
             extra += [f"split {hub.split}"] + ([f"up to {hub.max_samples:,} records"] if hub.max_samples else [])
             out.append(f"hub:{hub.hub} ({', '.join(extra)})")
         elif source.startswith("builtin:"):
-            name, split = _parse_builtin(source)
+            name, split = parse_builtin(source)
             what = "Python reference docs and stdlib docstrings" if name == "pydoc" else "stdlib docstring summaries"
             out.append(f"{source} ({what}, Python {platform.python_version()}, {split or 'all splits'})")
         else:
@@ -195,14 +181,16 @@ def _iter_located(sources: list[str | HubSource], columns: list[str] | None = No
         if isinstance(source, HubSource) or source.startswith("hub:"):
             yield from _read_hub(_as_hub(source))
         elif source.startswith("builtin:"):
-            yield from _read_builtin(source)
+            yield from read_builtin(source)
         else:
             for path in _expand(source):
                 yield from _read_file(path, columns)
 
 
-def _short(sources: Sources) -> str:
-    """The sources as written, for error messages (never touches the disk)."""
+def source_names(sources: Sources | None) -> str:
+    """The sources as written, for messages and model cards (never touches the disk); "none" for no sources."""
+    if not sources:
+        return "none"
     try:
         items = _normalise(sources)
     except DataError:
@@ -476,170 +464,3 @@ def _read_hub(hub: HubSource) -> Iterator[tuple[str, dict]]:
             raise _hub_error(hub, exc) from None
         yield f"hub:{hub.hub} ({hub.split}) record {index}", dict(record)
         index += 1
-
-
-# --------------------------------------------------------------------------------------------
-# Built-in demo corpora, from text every Python installation ships
-# --------------------------------------------------------------------------------------------
-
-
-def _parse_builtin(source: str) -> tuple[str, str | None]:
-    """'builtin:pydoc/train' -> ('pydoc', 'train'); DataError for an unknown name or split."""
-    spec = source.removeprefix("builtin:")
-    name, _, split = spec.partition("/")
-    if name not in BUILTIN_NAMES:
-        raise DataError(
-            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc or builtin:docsum"
-        )
-    if split and split not in SPLITS:
-        raise DataError(f"{source}: unknown split {split!r}{did_you_mean(split, SPLITS)}; choose one of {', '.join(SPLITS)}")
-    return name, split or None
-
-
-def _read_builtin(source: str) -> Iterator[tuple[str, dict]]:
-    name, split = _parse_builtin(source)
-    records = pydoc_records() if name == "pydoc" else docsum_records()
-    for index, (record_split, record) in enumerate(records):
-        if split is None or record_split == split:
-            yield f"builtin:{name} record {index}", dict(record)  # a copy: callers may mutate records
-
-
-def split_of(key: str) -> str:
-    """Deterministic ~90/5/5 train/validation/test split of a stable id, by hash."""
-    bucket = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
-
-
-@functools.lru_cache(maxsize=1)
-def _stdlib_docs() -> tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...]:
-    """(module name, pydoc-like page, ((qualified name, docstring), ...)) for each stdlib module, sorted.
-
-    The files are parsed with `ast`, never imported: importing arbitrary stdlib modules has side
-    effects (antigravity opens a browser, this prints) and what imports depends on the platform.
-    One parse serves both corpora and only the extracted text is kept, not the syntax trees.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    modules = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).with_suffix("").parts
-        if any(p in skip for p in parts):
-            continue
-        name = ".".join(p for p in parts if p != "__init__")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # invalid escape sequences in old modules warn while parsing
-                tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):
-            continue  # e.g. lib2to3 grammar fixtures; skipping them is deterministic too
-        docs = []
-        module_doc = ast.get_docstring(tree, clean=True)
-        if module_doc:
-            docs.append((name, module_doc))
-        docs.extend(_documented(tree.body, f"{name}."))
-        modules.append((name, _module_text(name, module_doc, tree), tuple(docs)))
-    modules.sort(key=lambda item: item[0])
-    return tuple(modules)
-
-
-def _public(name: str) -> bool:
-    """Public names and dunder methods (whose docstrings are often the best-written ones)."""
-    return not name.startswith("_") or (name.startswith("__") and name.endswith("__") and len(name) > 4)
-
-
-def _documented(body: list[ast.stmt], prefix: str) -> Iterator[tuple[str, str]]:
-    """(qualified name, docstring) of the documented public classes and functions in a body, nested classes included."""
-    for node in body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                yield f"{prefix}{node.name}", doc
-            if isinstance(node, ast.ClassDef):
-                yield from _documented(node.body, f"{prefix}{node.name}.")
-
-
-def _signature(node: ast.AST) -> str:
-    if isinstance(node, ast.ClassDef):
-        bases = ", ".join(ast.unparse(b) for b in node.bases)
-        return f"class {node.name}({bases})" if bases else f"class {node.name}"
-    returns = f" -> {ast.unparse(node.returns)}" if node.returns is not None else ""
-    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-    return f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"
-
-
-def _indent(text: str, spaces: int) -> str:
-    pad = " " * spaces
-    return "\n".join(pad + line if line.strip() else "" for line in text.splitlines())
-
-
-def _module_text(name: str, module_doc: str | None, tree: ast.Module) -> str:
-    """A pydoc-like plain-text page: the module docstring, then each documented class (with methods) and function."""
-    blocks = [module_doc] if module_doc else []
-
-    def add(body: list[ast.stmt], depth: int) -> None:
-        for node in body:
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
-                doc = ast.get_docstring(node, clean=True)
-                if doc:
-                    blocks.append(_indent(_signature(node), 4 * depth) + "\n" + _indent(doc, 4 * depth + 4))
-                if isinstance(node, ast.ClassDef) and depth < 2:
-                    add(node.body, depth + 1)
-
-    add(tree.body, 0)
-    if not blocks:
-        return ""
-    title = f"Module {name}"
-    return f"{title}\n{'=' * len(title)}\n\n" + "\n\n".join(blocks) + "\n"
-
-
-@functools.lru_cache(maxsize=1)
-def pydoc_records() -> tuple[tuple[str, dict], ...]:
-    """builtin:pydoc as (split, {"title", "text"}): pydoc_data topics plus stdlib module docs, split by title hash."""
-    from pydoc_data.topics import topics
-
-    records = [{"title": f"topic:{title}", "text": topics[title]} for title in sorted(topics)]
-    for name, text, _ in _stdlib_docs():
-        if len(text) >= 200:  # a bare title with a one-line docstring teaches little
-            records.append({"title": f"module:{name}", "text": text})
-    return tuple((split_of(r["title"]), r) for r in records)
-
-
-_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
-_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
-
-
-def _docsum_pair(doc: str) -> tuple[str, str] | None:
-    """(summary, document) from a cleaned docstring, or None when it is not a usable example.
-
-    The summary is the docstring's first paragraph (usually one line) joined into one line, or its
-    first line when that is a whole sentence followed directly by more text; the document is the
-    rest. Keep it only when the summary is a real sentence (not a signature line such as
-    'S.find(sub) -> int') and the document is at least 100 characters and two sentences (or 200
-    characters) long.
-    """
-    head, sep, body = doc.partition("\n\n")
-    if not sep:
-        head, sep, body = doc.partition("\n")
-        if not sep or not head.rstrip().endswith("."):
-            return None
-    summary = " ".join(head.split())
-    body = body.strip()
-    if not 15 <= len(summary) <= 300 or _SIGNATURE_LINE.match(summary) or "->" in summary:
-        return None
-    if len(body) < 100 or (len(_SENTENCE_END.findall(body)) < 2 and len(body) < 200):
-        return None
-    return summary, body
-
-
-@functools.lru_cache(maxsize=1)
-def docsum_records() -> tuple[tuple[str, dict], ...]:
-    """builtin:docsum as (split, {"id", "document", "summary"}): one record per stdlib docstring, split by id hash."""
-    records, seen = [], set()
-    for _, _, docs in _stdlib_docs():
-        for ident, doc in docs:
-            pair = _docsum_pair(doc)
-            if pair is None or pair in seen:  # inherited/copied docstrings repeat; keep the first
-                continue
-            seen.add(pair)
-            records.append({"id": ident, "document": pair[1], "summary": pair[0]})
-    return tuple((split_of(r["id"]), r) for r in records)

@@ -8,7 +8,7 @@ Outputs in output_dir: metrics.json (values and the exact protocol), predictions
 reference, prediction and per-example scores of generation metrics), recipe.yaml, and for several
 checkpoints comparison.md / comparison.json. Files are written to a temporary name and renamed.
 
-Perplexity protocol (DESIGN.md): each document on its own; its tokens t_0..t_{L-1} are what
+Perplexity protocol (llmkit/metrics/perplexity.py, README "Metrics"): each document on its own; its tokens t_0..t_{L-1} are what
 `tokenizer(text)` returns; window k ends at e_k = min(seq_len + k*stride, L), starts at
 s_k = max(0, e_k - seq_len) and scores t_i for max(1, e_{k-1}) <= i < e_k from t_{s_k}..t_{i-1}.
 Perplexity = exp(sum NLL / scored tokens); bits per byte = sum NLL / (ln 2 * UTF-8 bytes).
@@ -16,20 +16,25 @@ Perplexity = exp(sum NLL / scored tokens); bits per byte = sum NLL / (ln 2 * UTF
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
-import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import typer
 
-from llmkit.errors import DataError, ModelError, RecipeError, RunDirError
-from llmkit.recipes import EvalRecipe, TaskSpec
+from llmkit import __version__, dist, rundir
+from llmkit.data import sft
+from llmkit.data.sources import check_sources, describe, iter_located_records, iter_texts
+from llmkit.errors import RecipeError
+from llmkit.generation import generate_ids
+from llmkit.metrics.perplexity import perplexity, reduce_totals
+from llmkit.metrics.rouge import aggregate, per_example_scores
+from llmkit.metrics.text import accuracy_scores, bleu, exact_match_scores
+from llmkit.models import check_model_dir, checkpoint_config, load_model, max_positions
+from llmkit.recipes import EvalRecipe, TaskSpec, load_recipe
 
 GENERATION_METRICS = ("rouge", "accuracy", "exact_match", "bleu")
 OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "comparison.md", "comparison.json", "recipe.yaml")
@@ -41,246 +46,9 @@ DEFAULT_MAX_SEQ_LEN = 1024
 # ----------------------------------------------------------------------------------------------
 
 
-def _normalize(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def exact_match_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """1.0 where prediction and reference are equal after collapsing whitespace, else 0.0."""
-    return [float(_normalize(p) == _normalize(r)) for p, r in zip(predictions, references, strict=True)]
-
-
-def accuracy_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """1.0 where the prediction's first line equals the label, ignoring case and surrounding whitespace."""
-    out = []
-    for p, r in zip(predictions, references, strict=True):
-        first = str(p).strip().split("\n", 1)[0] if str(p).strip() else ""
-        out.append(float(_normalize(first).casefold() == _normalize(r).casefold()))
-    return out
-
-
-def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Classification accuracy (fraction): the first generated line equals the label, case-insensitively."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if not predictions:
-        raise ValueError("no examples to score")
-    return math.fsum(accuracy_scores(predictions, references)) / len(predictions)
-
-
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction of predictions equal to their reference after collapsing whitespace."""
-    if not predictions:
-        raise ValueError("no examples to score")
-    return math.fsum(exact_match_scores(predictions, references)) / len(predictions)
-
-
-def bleu(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
-    """Corpus BLEU (0-100, sacrebleu's default 13a tokenizer) and sacrebleu's signature."""
-    import sacrebleu
-
-    metric = sacrebleu.metrics.BLEU()
-    result = metric.corpus_score(list(predictions), [list(references)])
-    return float(result.score), str(metric.get_signature())
-
-
 # ----------------------------------------------------------------------------------------------
 # Perplexity
 # ----------------------------------------------------------------------------------------------
-
-
-def perplexity_windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, first_scored) of each window of a document of `length` tokens (DESIGN.md protocol)."""
-    windows = []
-    prev_end, k = 0, 0
-    while prev_end < length:
-        end = min(seq_len + k * stride, length)
-        start = max(0, end - seq_len)
-        first = max(1, prev_end)  # t_0 has no context, so it is never scored
-        if first < end:
-            windows.append((start, end, first))
-        prev_end, k = end, k + 1
-    return windows
-
-
-@dataclass
-class NllTotals:
-    """Sums that combine across batches and processes by addition (never averages of averages)."""
-
-    nll_sum: float = 0.0
-    tokens: int = 0
-    bytes: int = 0
-    documents: int = 0
-
-    def add(self, other: NllTotals) -> None:
-        """Add another partial sum into this one."""
-        self.nll_sum += other.nll_sum
-        self.tokens += other.tokens
-        self.bytes += other.bytes
-        self.documents += other.documents
-
-    def metrics(self) -> dict[str, float]:
-        """perplexity, nll (mean per token, nats), bits_per_byte and the counts behind them."""
-        if self.tokens == 0:
-            raise DataError("no tokens to score: every document is at most one token long")
-        mean = self.nll_sum / self.tokens
-        return {
-            "perplexity": math.exp(mean),
-            "nll": mean,
-            "bits_per_byte": self.nll_sum / (math.log(2) * self.bytes) if self.bytes else float("nan"),
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "documents": self.documents,
-        }
-
-
-def _forward_accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def score_windows(
-    model, token_ids: Sequence[Sequence[int]], windows, batch_size: int, pad_id: int = 0
-) -> float:
-    """Sum of NLL (float64) over the scored tokens of `windows` = [(doc, start, end, first), ...]."""
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    keep_logits = _forward_accepts(model, "logits_to_keep")
-    use_positions = _forward_accepts(model, "position_ids")
-    # Windows of equal width share a batch (most are exactly seq_len wide, so most batches need no
-    # padding and no attention mask, which keeps SDPA on its fast causal kernels); within a width,
-    # windows scoring a similar number of tokens go together, so the logits kept per batch (the
-    # last `keep` positions of every left-padded row) are mostly needed ones.
-    ordered = sorted(windows, key=lambda w: (w[2] - w[1], w[2] - w[3]), reverse=True)
-    batches: list[list] = []
-    for window in ordered:
-        width = window[2] - window[1]
-        last = batches[-1] if batches else None
-        # A model that takes no position_ids would see shifted positions in a left-padded row,
-        # so its batches hold windows of one width only.
-        if (
-            last is None
-            or len(last) == batch_size
-            or (not use_positions and last[0][2] - last[0][1] != width)
-        ):
-            batches.append([window])
-        else:
-            last.append(window)
-    total = 0.0
-    for batch in batches:
-        width = max(end - start for _, start, end, _ in batch)
-        keep = max(end - first for _, _, end, first in batch) + 1
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        targets = torch.full((len(batch), keep - 1), -100, dtype=torch.long)
-        for r, (doc, start, end, first) in enumerate(batch):
-            ids = torch.tensor(token_ids[doc][start:end], dtype=torch.long)
-            n = end - start
-            # Left padding aligns every row's scored tokens at the right edge.
-            input_ids[r, width - n :] = ids
-            attention_mask[r, width - n :] = 1
-            position_ids[r, width - n :] = torch.arange(n)
-            scored = end - first
-            targets[r, keep - 1 - scored :] = ids[first - start :]
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device)}
-        if not bool(attention_mask.all()):
-            kwargs["attention_mask"] = attention_mask.to(device)
-            if use_positions:
-                kwargs["position_ids"] = position_ids.to(device)
-        if keep_logits:
-            kwargs["logits_to_keep"] = keep
-        with torch.inference_mode():
-            logits = model(**kwargs, use_cache=False).logits[:, -keep:-1, :]
-            targets = targets.to(device)
-            batch_nll = torch.zeros((), dtype=torch.float64, device=device)
-            for r in range(logits.size(0)):
-                # Per-token NLL in float32 whatever the model dtype, one row at a time so the float32
-                # copy of the logits stays small with large vocabularies; ignored slots add exactly 0.
-                nll = F.cross_entropy(logits[r].float(), targets[r], ignore_index=-100, reduction="none")
-                batch_nll += nll.double().sum()
-            total += float(batch_nll)
-    return total
-
-
-def perplexity(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    seq_len: int,
-    stride: int,
-    batch_size: int = 8,
-) -> NllTotals:
-    """Token-weighted NLL sums of `texts` under the sliding-window protocol (this process's share only).
-
-    Under `accelerate launch`, each process scores documents i with i % world_size == rank; combine
-    the returned totals with `reduce_totals`.
-    """
-    if stride >= seq_len:
-        raise RecipeError(f"data.stride ({stride}) must be smaller than data.seq_len ({seq_len})")
-    world, rank = _world()
-    mine = [t for i, t in enumerate(texts) if i % world == rank]
-    totals = NllTotals(documents=len(mine), bytes=sum(len(t.encode("utf-8")) for t in mine))
-    if not mine:
-        return totals
-    token_ids = tokenizer(list(mine), add_special_tokens=True, verbose=False)["input_ids"]
-    windows = [
-        (d, *w) for d, ids in enumerate(token_ids) for w in perplexity_windows(len(ids), seq_len, stride)
-    ]
-    totals.tokens = sum(end - first for _, _, end, first in windows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    totals.nll_sum = score_windows(model, token_ids, windows, batch_size, pad_id)
-    return totals
-
-
-def _state():
-    """accelerate's process state; gloo on CPU-only machines (accelerate picks no backend there unless told cpu=True)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _world() -> tuple[int, int]:
-    """(world_size, rank) of an accelerate / torchrun launch, (1, 0) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        state = _state()
-        return state.num_processes, state.process_index
-    return 1, 0
-
-
-def reduce_totals(totals: NllTotals) -> NllTotals:
-    """Sum the totals of every process (a no-op in one process)."""
-    world, _ = _world()
-    if world == 1:
-        return totals
-    import torch
-    import torch.distributed as dist
-
-    state = _state()
-    device = state.device if state.backend == "nccl" else "cpu"
-    packed = torch.tensor(
-        [totals.nll_sum, totals.tokens, totals.bytes, totals.documents], dtype=torch.float64, device=device
-    )
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    nll_sum, tokens, nbytes, docs = packed.tolist()
-    return NllTotals(
-        nll_sum=nll_sum, tokens=int(round(tokens)), bytes=int(round(nbytes)), documents=int(round(docs))
-    )
-
-
-def _gather_lists(items: list) -> list:
-    """Concatenate per-process lists in rank order (a no-op in one process)."""
-    world, _ = _world()
-    if world == 1:
-        return items
-    from accelerate.utils import gather_object
-
-    return gather_object(items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,24 +69,7 @@ class ModelPlan:
     extra: dict = field(default_factory=dict)
 
 
-def _read_config(path: str, where: str):
-    from transformers import AutoConfig
-
-    from llmkit.generation import where_failed
-
-    local = Path(path)
-    if local.is_dir() and not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
-        adapter = json.loads((local / "adapter_config.json").read_text(encoding="utf-8"))
-        path = adapter.get("base_model_name_or_path") or path
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{where}: {where_failed(path, exc)}") from None
-
-
 def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
-    from llmkit.recipes import load_recipe
-
     run_recipe = Path(path) / "recipe.yaml"
     if not run_recipe.is_file():
         raise RecipeError(
@@ -342,9 +93,6 @@ def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
 
 def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
     """Check every checkpoint, window and task of the recipe; RecipeError/ModelError before loading weights."""
-    from llmkit.generation import check_model_dir
-    from llmkit.modeling import max_positions
-
     paths = recipe.model.paths
     if not paths:
         raise RecipeError("model.path: the list of checkpoints is empty")
@@ -363,7 +111,7 @@ def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
         where = "model.path" if isinstance(recipe.model.path, str) else f"model.path[{i}]"
         check_model_dir(path, where, recipe.tokenizer)
         plan = ModelPlan(path=path, where=where)
-        limit = max_positions(_read_config(path, where))
+        limit = max_positions(checkpoint_config(path, where))
         if "perplexity" in recipe.metrics:
             seq_len = recipe.data.seq_len or min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
             if limit is not None and seq_len > limit:
@@ -394,48 +142,6 @@ def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
     return plans
 
 
-def _check_output_dir(recipe: EvalRecipe, overwrite: bool) -> None:
-    """RunDirError when output_dir holds something other than this same eval (unless overwrite)."""
-    from llmkit.recipes import recipe_to_yaml
-
-    out = recipe.output_dir
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"output_dir: {out} is a file; choose a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    existing = out / "recipe.yaml"
-    if existing.is_file():
-        try:
-            previous = yaml.safe_load(existing.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            previous = {}
-        stage = previous.get("stage") if isinstance(previous, dict) else None
-        if stage not in (None, "eval"):
-            raise RunDirError(
-                f"output_dir: {out} holds a {stage} run; write the eval to its own directory (e.g. {out / 'eval'})"
-            )
-        if existing.read_text(encoding="utf-8") == recipe_to_yaml(recipe):
-            return  # the same eval again: recompute and replace
-        if not overwrite:
-            changed = _first_difference(previous, yaml.safe_load(recipe_to_yaml(recipe)))
-            raise RunDirError(
-                f"output_dir: {out} holds a different eval ({changed} differs); pass --overwrite or choose another output_dir"
-            )
-        return
-    if not overwrite:
-        raise RunDirError(
-            f"output_dir: {out} is not empty and holds no eval recipe.yaml; pass --overwrite or choose another output_dir"
-        )
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return prefix.rstrip(".") or "the recipe"
-
-
 # ----------------------------------------------------------------------------------------------
 # Generation metrics
 # ----------------------------------------------------------------------------------------------
@@ -443,17 +149,13 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 def _located_records(recipe: EvalRecipe) -> list[tuple[str, dict]]:
     """(where, record) pairs of data.test, `where` naming file and line for error messages."""
-    from llmkit.sources import iter_located_records
-
     return list(iter_located_records(recipe.data.test, max_samples=recipe.data.max_samples))
 
 
 def _task_with_labels(task: TaskSpec, records: list[dict]) -> TaskSpec:
-    from llmkit.tasks import label_set, task_defaults
-
-    task = task_defaults(task)
+    task = sft.task_defaults(task)
     if task.type == "classification" and not task.labels:
-        task = task.model_copy(update={"labels": label_set(task, records)})
+        task = task.model_copy(update={"labels": sft.label_set(task, records)})
     return task
 
 
@@ -465,20 +167,15 @@ def generation_metrics(
     located: list[tuple[str, dict]],
 ) -> tuple[dict[str, Any], list[dict]]:
     """Generate for every test record and score; returns (metrics, prediction rows)."""
-    from llmkit.generation import generate_ids
-    from llmkit.metrics.rouge import aggregate, per_example_scores
-    from llmkit.modeling import max_positions
-    from llmkit.tasks import format_record, prompt_token_ids
-
-    world, rank = _world()
+    world, rank = dist.world()
     limit = max_positions(model.config)
     max_prompt = None if limit is None else max(1, limit - recipe.generation.max_new_tokens)
     mine = [(i, where, rec) for i, (where, rec) in enumerate(located) if i % world == rank]
     formatted = [
-        format_record(task, rec, tokenizer, max_prompt_tokens=max_prompt, where=where)
+        sft.format_record(task, rec, tokenizer, max_prompt_tokens=max_prompt, where=where)
         for _, where, rec in mine
     ]
-    prompt_ids = [prompt_token_ids(tokenizer, f.prompt) for f in formatted]
+    prompt_ids = sft.encode_prompts(tokenizer, [f.prompt for f in formatted])
     texts = [
         t[0] for t in generate_ids(model, tokenizer, prompt_ids, recipe.generation, recipe.data.batch_size)
     ]
@@ -486,7 +183,7 @@ def generation_metrics(
         {"id": i, "input": f.prompt, "reference": f.target, "prediction": text.strip()}
         for (i, _, _), f, text in zip(mine, formatted, texts, strict=True)
     ]
-    rows = sorted(_gather_lists(rows), key=lambda r: r["id"])
+    rows = sorted(dist.gather_lists(rows), key=lambda r: r["id"])
     predictions = [r["prediction"] for r in rows]
     references = [r["reference"] for r in rows]
     metrics: dict[str, Any] = {"examples": len(rows)}
@@ -521,9 +218,6 @@ def generation_metrics(
 
 
 def _protocols(recipe: EvalRecipe, plan: ModelPlan, task: TaskSpec | None) -> dict[str, Any]:
-    from llmkit import __version__
-    from llmkit.sources import describe
-
     protocol: dict[str, Any] = {
         "llmkit_version": __version__,
         "data": describe(recipe.data.test),
@@ -571,13 +265,10 @@ def evaluate_model(
     """Load one checkpoint and compute every metric of the recipe: ({model, metrics, protocol}, predictions)."""
     import torch
 
-    from llmkit.generation import load_model
-    from llmkit.sources import iter_texts
-
-    world, rank = _world()
+    world, _ = dist.world()
     device = None
     if world > 1:
-        device = _state().device
+        device = dist.process_state().device
     started = time.perf_counter()
     model, tokenizer = load_model(
         plan.path,
@@ -634,21 +325,13 @@ def evaluate_model(
 
 def _check_records(recipe: EvalRecipe, plans: list[ModelPlan]) -> list[tuple[str, dict]] | None:
     """Read the test records once and check each carries every field the tasks need (DataError otherwise)."""
-    from llmkit.tasks import check_record
-
     if not any(p.task is not None for p in plans):
         return None
     located = _located_records(recipe)
     for plan in plans:
         for where, record in located:
-            check_record(plan.task, record, where)
+            sft.check_record(plan.task, record, where)
     return located
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 COMPARISON_KEYS = (
@@ -732,13 +415,9 @@ def comparison_table(table: dict[str, Any], markdown: bool = True) -> str:
     return "\n".join(lines) + "\n(* best)"
 
 
-def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, Any]:
+def run(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, Any]:
     """`llmkit eval`: score every checkpoint of the recipe and write metrics.json, predictions.jsonl, comparison."""
-    import typer
-
-    from llmkit.recipes import write_resolved
-
-    world, rank = _world()
+    world, rank = dist.world()
     is_main = rank == 0
 
     def log(message: str) -> None:
@@ -746,11 +425,9 @@ def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, An
             typer.echo(message, err=True)
 
     # 1. Validate everything cheap first: output_dir, checkpoints, windows, tasks, test records.
-    _check_output_dir(recipe, overwrite)
+    rundir.claim(recipe, overwrite, what="eval")
     plans = plan_models(recipe)
     if "perplexity" in recipe.metrics:
-        from llmkit.sources import check_sources
-
         check_sources(recipe.data.test)
     located = _check_records(recipe, plans)
 
@@ -770,7 +447,7 @@ def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     written = {"metrics.json", "recipe.yaml"}
     if all_rows:
-        _write_atomic(
+        rundir.write_text_atomic(
             out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rows)
         )
         written.add("predictions.jsonl")
@@ -779,16 +456,16 @@ def evaluate_recipe(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, An
         summary = results[0]
     else:
         table = comparison(results)
-        _write_atomic(out / "comparison.json", json.dumps(table, indent=2) + "\n")
-        _write_atomic(out / "comparison.md", comparison_table(table, markdown=True))
+        rundir.write_text_atomic(out / "comparison.json", json.dumps(table, indent=2) + "\n")
+        rundir.write_text_atomic(out / "comparison.md", comparison_table(table, markdown=True))
         written |= {"comparison.json", "comparison.md"}
         summary = {"models": results, "comparison": table}
         typer.echo(comparison_table(table, markdown=False))
     for stale in set(OUTPUT_FILES) - written:
         # Files of an earlier, different eval in this directory would now describe the wrong run.
         (out / stale).unlink(missing_ok=True)
-    write_resolved(recipe, out)
-    _write_atomic(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    rundir.write_resolved(recipe, out)
+    rundir.write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if len(results) == 1:
         for key, value in {**results[0]["metrics"], **results[0]["timing"]}.items():
             if isinstance(value, float):

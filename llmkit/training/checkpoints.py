@@ -1,4 +1,4 @@
-"""Resumable checkpoints: atomic writes, rotation, safe loading, run-directory checks and stop signals.
+"""Resumable checkpoints: atomic save, rotation and safe loading.
 
     llmkit pretrain pretrain/tiny --set train.save_every=50   # then Ctrl-C and run it again: it resumes
 
@@ -22,137 +22,18 @@ under DeepSpeed through the engine's own save_checkpoint/load_checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
+from llmkit.dist import distributed_kind
 from llmkit.errors import RunDirError
-
-CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE"
-PREFIX = "step-"
-
-# Recipe keys that may change between an interrupted run and its resumption: they change the
-# budget or the bookkeeping, not what a given step computes.
-RESUMABLE_KEYS = {
-    ("train", "max_steps"),
-    ("train", "max_tokens"),
-    ("train", "save_every"),
-    ("train", "eval_every"),
-    ("train", "eval_batches"),
-    ("train", "log_every"),
-    ("train", "keep_checkpoints"),
-    ("train", "trackers"),
-    ("train", "num_workers"),
-    ("data", "num_proc"),
-    ("data", "cache_dir"),
-    ("task_eval", "samples"),
-    ("task_eval", "max_new_tokens"),
-}
+from llmkit.rundir import CHECKPOINTS, MARKER, PREFIX, complete_checkpoints, fsync_dir, step_dir_name
 
 
 class CheckpointError(RunDirError):
     """A checkpoint that is truncated, corrupt or unsafe to load."""
-
-
-def step_dir_name(step: int) -> str:
-    """Zero-padded checkpoint directory name, e.g. step-00000100."""
-    return f"{PREFIX}{step:08d}"
-
-
-def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint in output_dir, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            name = path.name
-            if name.startswith(PREFIX) and name[len(PREFIX) :].isdigit() and (path / MARKER).is_file():
-                found.append((int(name[len(PREFIX) :]), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = complete_checkpoints(output_dir)
-    return found[-1][1] if found else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Run directory
-# ----------------------------------------------------------------------------------------------
-
-
-def _flatten(data: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(data, dict):
-        out: dict[tuple[str, ...], Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, (*prefix, str(key))))
-        return out
-    return {prefix: data}
-
-
-def recipe_difference(old: dict, new: dict) -> str | None:
-    """The first recipe key (dotted) whose value differs, ignoring RESUMABLE_KEYS; None when equal."""
-    a, b = _flatten(old), _flatten(new)
-    for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_KEYS or key[:2] in RESUMABLE_KEYS:
-            continue
-        if a.get(key) != b.get(key):
-            return f"{'.'.join(key)} ({a.get(key)!r} there, {b.get(key)!r} now)"
-    return None
-
-
-def check_run_dir(recipe, overwrite: bool = False) -> Path | None:
-    """Refuse an output_dir holding another run (RunDirError) and return the checkpoint to resume from.
-
-    Writes nothing. The same recipe (up to RESUMABLE_KEYS) resumes from its newest complete
-    checkpoint; a different one is refused unless overwrite, in which case nothing is resumed and
-    `clear_run_dir` removes the old run's files when training starts.
-    """
-    import yaml
-
-    from llmkit.recipes import recipe_to_yaml
-
-    output_dir = Path(recipe.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise RunDirError(f"output_dir {output_dir}: is a file; choose a directory")
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return None
-    if overwrite:
-        return None
-    saved = output_dir / "recipe.yaml"
-    if not saved.is_file():
-        raise RunDirError(
-            f"output_dir {output_dir}: holds files that are not an llmkit run (no recipe.yaml); "
-            "choose another output_dir or pass --overwrite"
-        )
-    try:
-        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise RunDirError(f"{saved}: unreadable ({exc.__class__.__name__}); pass --overwrite to start over") from None
-    new = yaml.safe_load(recipe_to_yaml(recipe))
-    diff = recipe_difference(old, new)
-    if diff is not None:
-        raise RunDirError(
-            f"output_dir {output_dir}: holds a different run ({diff}); "
-            "choose another output_dir or pass --overwrite to replace it"
-        )
-    return latest_checkpoint(output_dir)
-
-
-def clear_run_dir(output_dir: Path) -> None:
-    """Remove a previous run's llmkit files (checkpoints, metrics, recipe, trackers) for --overwrite."""
-    output_dir = Path(output_dir)
-    for name in (CHECKPOINTS, "runs", "trackers"):
-        if (output_dir / name).is_dir():
-            shutil.rmtree(output_dir / name)
-    for name in ("metrics.jsonl", "recipe.yaml", "summary.json"):
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,19 +79,6 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def trainable_state_dict(model) -> dict:
     """The parameters that training changes (all of them, or only adapters when the rest is frozen)."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -220,8 +88,6 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, outpu
     """Write a complete checkpoint for state["step"] atomically, then delete all but the newest `keep`."""
     import torch
     from safetensors.torch import save_file
-
-    from llmkit.train import distributed_kind
 
     root = Path(output_dir) / CHECKPOINTS
     final = root / step_dir_name(state["step"])
@@ -261,11 +127,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, outpu
         _write_json(tmp / "trainer_state.json", {**state, "world_size": accelerator.num_processes})
         # The marker goes in last, then one rename publishes the whole directory.
         (tmp / MARKER).write_text(f"step {state['step']}\n", encoding="utf-8")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         rotate(output_dir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -344,8 +210,6 @@ def read_trainer_state(path: Path) -> dict:
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler, grad scaler and this process's RNG states; return trainer state."""
-    from llmkit.train import distributed_kind
-
     path = Path(path)
     state = read_trainer_state(path)
     kind = distributed_kind(accelerator)
@@ -392,35 +256,3 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
 # ----------------------------------------------------------------------------------------------
 
 
-class StopSignals:
-    """Turn SIGINT, SIGTERM and SIGUSR1 (Slurm's pre-timeout warning) into a flag checked between steps.
-
-    A second SIGINT restores the default behaviour, so a stuck run can still be stopped at once.
-    """
-
-    NAMES = ("SIGINT", "SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> StopSignals:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in self.NAMES:
-                signum = getattr(signal, name, None)
-                if signum is not None:
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()

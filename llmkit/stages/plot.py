@@ -35,7 +35,7 @@ def _series(events: list[dict], event: str, key: str, x: str) -> tuple[list[floa
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(run_dirs: list[Path], output: Path) -> str:
+def run(run_dirs: list[Path], output: Path) -> str:
     """Draw train/validation loss against steps and tokens, and the learning rate, for each run."""
     try:
         import matplotlib

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import typer
 
-from llmkit.recipes import load_recipe
+from llmkit.data.sft import format_record
+from llmkit.data.sources import iter_records
+from llmkit.generation import generate_texts
+from llmkit.models import load_model
+from llmkit.recipes import GenerationSpec, load_recipe
+from llmkit.stages import evaluate, finetune, plot, pretrain, tokenizer
+
+# The stage modules in pipeline order: each one's `run(recipe)`.
+RUNNERS = {"tokenizer": tokenizer.run, "pretrain": pretrain.run, "finetune": finetune.run, "eval": evaluate.run}
 
 # A much shorter schedule for smoke tests and CI (`llmkit quickstart --fast`).
 FAST = {
@@ -59,48 +67,25 @@ def _overrides(stage: Stage, root: Path, fast: bool) -> list[str]:
 
 
 def _run_stage(stage: Stage, root: Path, fast: bool) -> None:
+    """Run one stage, or reuse it when its run directory already holds the finished result."""
     recipe = load_recipe(stage.recipe, _overrides(stage, root, fast), stage=stage.name)
     if (recipe.output_dir / stage.done_marker).exists():
         typer.echo(f"[{stage.name}] already done in {recipe.output_dir}; reusing it")
         return
     typer.echo(f"[{stage.name}] running {stage.recipe} -> {recipe.output_dir}")
     start = time.perf_counter()
-    if stage.name == "tokenizer":
-        from llmkit.tokenizer import train_tokenizer
-
-        train_tokenizer(recipe)
-    elif stage.name == "pretrain":
-        from llmkit.train import pretrain
-
-        pretrain(recipe)
-    elif stage.name == "finetune":
-        from llmkit.finetuning import finetune
-
-        finetune(recipe)
-    else:
-        from llmkit.evaluation import evaluate_recipe
-
-        evaluate_recipe(recipe)
+    RUNNERS[stage.name](recipe)
     typer.echo(f"[{stage.name}] done in {time.perf_counter() - start:.0f} s")
 
 
 def _samples(root: Path, count: int = 3) -> list[tuple[str, str, str]]:
     """Summaries of a few test documents by the fine-tuned model: (document, reference, generated)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmkit.generation import generate_texts
-    from llmkit.recipes import GenerationSpec
-    from llmkit.sources import iter_records
-    from llmkit.tasks import format_example
-
     model_dir = root / "finetune"
     recipe = load_recipe(model_dir / "recipe.yaml", stage="finetune")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, tok = load_model(str(model_dir), device="cpu")
     records = list(itertools.islice(iter_records(["builtin:docsum/test"]), count))
-    prompts = [format_example(recipe.task, r, tokenizer)[0] for r in records]
-    outputs = generate_texts(model, tokenizer, prompts, GenerationSpec(max_new_tokens=32), batch_size=count)
+    prompts = [format_record(recipe.task, r, tok).prompt for r in records]
+    outputs = generate_texts(model, tok, prompts, GenerationSpec(max_new_tokens=32), batch_size=count)
     return [(r["document"], r["summary"], out.strip()) for r, out in zip(records, outputs, strict=True)]
 
 
@@ -116,16 +101,13 @@ def _results_table(eval_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(output_dir: Path, fast: bool = False) -> None:
+def run(output_dir: Path, fast: bool = False) -> None:
     """Run every stage on built-in data, then print where everything is and a results table."""
     root = Path(output_dir)
     start = time.perf_counter()
     for stage in STAGES:
         _run_stage(stage, root, fast)
-
-    from llmkit.plotting import plot_runs
-
-    plot_runs([root / "pretrain", root / "finetune"], root / "curves.png")
+    plot.run([root / "pretrain", root / "finetune"], root / "curves.png")
     samples = _samples(root)
     with (root / "samples.md").open("w", encoding="utf-8") as f:
         for document, reference, generated in samples:

@@ -2,7 +2,7 @@
 
     llmkit tokenizer train tokenizer/tiny --set output_dir=runs/tok
 
-The corpus is streamed from `llmkit.sources` into `tokenizers.Tokenizer.train_from_iterator` in
+The corpus is streamed from llmkit/data/sources.py into `tokenizers.Tokenizer.train_from_iterator` in
 batches, so a corpus larger than memory is never held at once. The result, written at the top of
 `output_dir`, is a `PreTrainedTokenizerFast` (tokenizer.json, tokenizer_config.json with the
 special tokens, chat template and model_max_length), plus `report.json` and `recipe.yaml`.
@@ -34,10 +34,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmkit import __version__
+from llmkit import __version__, rundir
+from llmkit.data.sources import check_sources, fingerprint, iter_texts
+from llmkit.data.splits import held_out
 from llmkit.errors import RecipeError, RunDirError
-from llmkit.recipes import TokenizerRecipe, TokenizerSpec, recipe_to_yaml, write_resolved
-from llmkit.sources import check_sources, fingerprint, iter_texts
+from llmkit.recipes import TokenizerRecipe, TokenizerSpec
 
 MIXED_SCRIPT = (
     "Hello, world!  Two  spaces,\tone tab, and a new line:\n"
@@ -50,7 +51,7 @@ MIXED_SCRIPT = (
 
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
 HELDOUT_EVERY = 20
-"""Without data.validation, every 20th training document is held out (up to data.heldout_docs)."""
+"""Without data.validation, 1 in 20 training documents is held out for the report (up to data.heldout_docs)."""
 HELDOUT_MAX_CHARS = 2_000_000
 REPORT_DOC_CHARS = 100_000
 """The report measures at most 2 M characters, each document cut (at a line end) to its first 100 k:
@@ -66,7 +67,7 @@ BATCH_CHARS = 8_000_000
 # --------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(recipe: TokenizerRecipe, overwrite: bool = False) -> dict:
+def run(recipe: TokenizerRecipe, overwrite: bool = False) -> dict:
     """Train the recipe's tokenizer, save it at the top of output_dir with report.json; return the report."""
     spec = recipe.tokenizer
     special = special_token_list(spec)
@@ -75,7 +76,7 @@ def train_tokenizer(recipe: TokenizerRecipe, overwrite: bool = False) -> dict:
     sources = list(recipe.data.train) + list(recipe.data.validation or [])
     check_sources(sources)  # missing files and unknown built-ins fail here, before any work
     data_fingerprint = fingerprint(sources, text_field=recipe.data.text_field, max_samples=recipe.data.max_samples)
-    finished = _finished_report(recipe, output_dir, data_fingerprint, overwrite)
+    finished = _finished_report(recipe, data_fingerprint, overwrite)
     if finished is not None:
         print(f"tokenizer already trained in {output_dir} with this recipe and data; pass --overwrite to retrain")
         return finished
@@ -88,8 +89,8 @@ def train_tokenizer(recipe: TokenizerRecipe, overwrite: bool = False) -> dict:
         report = _train_into(recipe, special, tmp_dir)
         report["data_fingerprint"] = data_fingerprint
         (tmp_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        write_resolved(recipe, tmp_dir)
-        _replace_dir(tmp_dir, output_dir)
+        rundir.write_resolved(recipe, tmp_dir)
+        rundir.publish_dir(tmp_dir, output_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -127,39 +128,22 @@ def _check_spec(spec: TokenizerSpec, special: list[str]) -> None:
             raise RecipeError(f"tokenizer.chat_template: not a valid Jinja template (line {exc.lineno}: {exc.message})") from None
 
 
-def _finished_report(recipe: TokenizerRecipe, output_dir: Path, data_fingerprint: str, overwrite: bool) -> dict | None:
+def _finished_report(recipe: TokenizerRecipe, data_fingerprint: str, overwrite: bool) -> dict | None:
     """The report of an identical finished run in output_dir, None when it is free; RunDirError when it holds another run."""
-    if not output_dir.exists():
+    run = rundir.claim(recipe, overwrite, what="tokenizer")
+    if run.state != "same":
         return None
-    if not output_dir.is_dir():
-        raise RunDirError(f"output_dir {output_dir}: is a file; choose a directory")
-    if not any(output_dir.iterdir()) or overwrite:
-        return None
-    recipe_file, report_file = output_dir / "recipe.yaml", output_dir / "report.json"
-    if recipe_file.is_file() and report_file.is_file() and (output_dir / "tokenizer.json").is_file():
-        try:
-            report = json.loads(report_file.read_text(encoding="utf-8"))
-            same = recipe_file.read_text(encoding="utf-8") == recipe_to_yaml(recipe)
-        except (OSError, ValueError):
-            same, report = False, {}
-        if same and report.get("data_fingerprint") == data_fingerprint:
-            return report
-        why = "a tokenizer trained with a different recipe" if not same else "a tokenizer trained on different data"
-    else:
-        why = "files that are not an llmkit tokenizer"
-    raise RunDirError(f"output_dir {output_dir}: holds {why}; pass --overwrite to replace it or choose another output_dir")
-
-
-def _replace_dir(tmp_dir: Path, output_dir: Path) -> None:
-    """Move the finished tmp_dir to output_dir, replacing what is there only once the new one is complete."""
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        output_dir.rename(old)
-        tmp_dir.rename(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp_dir.rename(output_dir)
+    report_file = run.path / "report.json"
+    try:
+        report = json.loads(report_file.read_text(encoding="utf-8")) if (run.path / "tokenizer.json").is_file() else {}
+    except (OSError, ValueError):
+        report = {}
+    if report.get("data_fingerprint") == data_fingerprint:
+        return report
+    raise RunDirError(
+        f"output_dir {run.path}: holds a tokenizer trained on different data (or an unfinished one); "
+        "pass --overwrite to replace it or choose another output_dir"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +275,7 @@ class _Stream:
         self.error: BaseException | None = None
 
     def batches(self) -> Iterator[list[str]]:
-        """Lists of documents for the trainer; every HELDOUT_EVERY-th document held out when asked."""
+        """Lists of documents for the trainer; a 1/HELDOUT_EVERY share of documents held out when asked."""
         data = self.recipe.data
         batch: list[str] = []
         chars = 0
@@ -315,7 +299,7 @@ class _Stream:
             yield batch
 
     def _take_heldout(self, index: int, text: str) -> bool:
-        if index % HELDOUT_EVERY != HELDOUT_EVERY - 1:
+        if not held_out(index, 1 / HELDOUT_EVERY):
             return False
         if len(self.heldout) >= self.recipe.data.heldout_docs or self.heldout_chars >= HELDOUT_MAX_CHARS:
             return False
@@ -351,7 +335,7 @@ def _report_sample(recipe: TokenizerRecipe, stream: _Stream) -> tuple[list[str],
         # heldout_docs = 0 cannot mean "measure nothing" here: fall back to 200 documents
         return _take_sample(iter_texts(data.validation, data.text_field, data.heldout_docs or 200)), "data.validation"
     if stream.heldout:
-        return stream.heldout, f"every {HELDOUT_EVERY}th training document, held out"
+        return stream.heldout, f"1 in {HELDOUT_EVERY} training documents, held out (llmkit/data/splits.py)"
     # heldout_docs = 0 or a corpus too small to hold any out: say the numbers are in-sample
     return _take_sample(iter_texts(data.train, data.text_field, 200)), "training documents (in-sample: nothing was held out)"
 

@@ -1,0 +1,106 @@
+"""What the training loop consumes: `TrainData` (examples, collate, batch order, validation) and batch orders.
+
+    llmkit pretrain pretrain/tiny      # packed blocks, shuffled_batch_order
+    llmkit finetune finetune/tiny-summarization   # examples, grouped_batch_order
+
+Pretraining (llmkit/data/lm.py) and fine-tuning (llmkit/data/sft.py) build a `TrainData`; the loop
+(llmkit/training/loop.py) reads it. A batch order is a pure function of (seed, epoch,
+micro_batch_size), which is what makes resume exact: a resumed run recomputes the order and skips
+the micro-batches already consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+BatchOrder = Callable[[int, int, int], list[list[int]]]
+"""`batch_order(seed, epoch, micro_batch_size) -> micro-batches`: lists of example indices, in order.
+
+It must be a pure function of its arguments (no global RNG), because resume recomputes it and skips
+the micro-batches already consumed. Micro-batch j of an epoch goes to process j % world_size; each
+optimizer step takes grad_accum_steps micro-batches per process. Micro-batches left over at the end of
+an epoch that do not fill a whole optimizer step on every process are not used in that epoch.
+"""
+
+
+Example = Mapping[str, Any]
+"""One tokenized example: {"input_ids": list[int], "labels": list[int] (-100 = not trained on), ...}."""
+
+
+Position = dict[str, Any]
+"""A JSON-able position in a stream, e.g. {"epoch": 0, "doc": 1234, "offset": 56}."""
+
+
+Stream = Callable[[Position | None], Iterator[tuple[Example, Position]]]
+"""`stream(position) -> (example, position after it), ...` forever (epoch after epoch), from `position`
+(None = the very beginning). Every process reads the same stream and keeps its share of it."""
+
+
+@dataclass
+class TrainData:
+    """Everything `fit` needs to know about the data; pretraining and fine-tuning build it differently.
+
+    train:           map-style dataset (len() and [i]) of tokenized examples (see `Example`); may also
+                     hold extra keys such as "position_ids" that collate_fn understands.
+    collate_fn:      list of examples -> dict of tensors with at least input_ids and labels (same
+                     shape, -100 where nothing is trained: masked prompt tokens, padding) and optionally
+                     attention_mask and position_ids, passed to the model as they are. Labels are NOT
+                     shifted: the loop shifts them. Throughput counts attention_mask.sum() tokens when an
+                     attention_mask is given, else every input id.
+    batch_order:     see `BatchOrder`; default: `shuffled_batch_order(len(train))`. Must return the same
+                     number of micro-batches every epoch.
+    validation:      optional map-style dataset of examples, evaluated in order every eval_every steps
+                     and at the end; the loss is token-weighted over every validation token.
+    eval_collate_fn: collate for validation (default: collate_fn).
+    stream:          instead of `train`, an endless `Stream` (pretraining with data.streaming); its
+                     position is saved in checkpoints so that resume continues where it stopped.
+    description:     one line for the log, e.g. "12,345 blocks of 128 tokens (1.58M tokens)".
+    extra:           free-form facts recorded in summary.json (e.g. packing counts).
+    """
+
+    train: Sequence[Example] | None
+    collate_fn: Callable[[list[Example]], dict[str, Any]]
+    batch_order: BatchOrder | None = None
+    validation: Sequence[Example] | None = None
+    eval_collate_fn: Callable[[list[Example]], dict[str, Any]] | None = None
+    stream: Stream | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def shuffled_batch_order(num_examples: int) -> BatchOrder:
+    """The default batch order: a permutation seeded by (seed, epoch), cut into micro-batches."""
+    import numpy as np
+
+    def order(seed: int, epoch: int, micro_batch_size: int) -> list[list[int]]:
+        """Micro-batches of epoch `epoch`; a final incomplete micro-batch is left for the next epoch's shuffle."""
+        perm = np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+        usable = len(perm) - len(perm) % micro_batch_size
+        return [perm[i : i + micro_batch_size] for i in range(0, usable, micro_batch_size)]
+
+    return order
+
+
+def grouped_batch_order(lengths: Sequence[int], megabatch_factor: int = 32):
+    """A BatchOrder that groups similar lengths: shuffle, sort within mega-batches, shuffle the micro-batches.
+
+    Pure in (seed, epoch, micro_batch_size), as resume requires. Every example appears exactly
+    once per epoch (the last micro-batch may be smaller).
+    """
+    import numpy as np
+
+    lengths = list(lengths)
+
+    def order(seed: int, epoch: int, micro_batch_size: int) -> list[list[int]]:
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(len(lengths)).tolist()
+        mega = micro_batch_size * megabatch_factor
+        batches: list[list[int]] = []
+        for start in range(0, len(perm), mega):
+            chunk = sorted(perm[start : start + mega], key=lambda i: -lengths[i])
+            batches += [chunk[k : k + micro_batch_size] for k in range(0, len(chunk), micro_batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+    return order

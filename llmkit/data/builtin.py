@@ -1,0 +1,197 @@
+"""Built-in demo corpora, made from text every Python installation ships (no download).
+
+    python -c "from llmkit.data.sources import iter_texts; print(next(iter_texts('builtin:docsum/test'))[:300])"
+
+- `builtin:pydoc[/SPLIT]`: the pydoc_data reference topics plus a pydoc-like page per standard-library
+  module (records {"title", "text"}), for pretraining.
+- `builtin:docsum[/SPLIT]`: one record per standard-library docstring, {"id", "document" (the body),
+  "summary" (its first line)}, for summarization.
+
+SPLIT is train, validation or test: a fixed ~90/5/5 split by a hash of each record's id.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import re
+import sysconfig
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmkit.errors import DataError, did_you_mean
+
+SPLITS = ("train", "validation", "test")
+
+
+BUILTIN_NAMES = ("pydoc", "docsum")
+
+
+BUILTIN_LAYOUT = 1
+"""Bump when the built-in corpora's construction changes, so fingerprints (and data caches) change too."""
+
+
+def parse_builtin(source: str) -> tuple[str, str | None]:
+    """'builtin:pydoc/train' -> ('pydoc', 'train'); DataError for an unknown name or split."""
+    spec = source.removeprefix("builtin:")
+    name, _, split = spec.partition("/")
+    if name not in BUILTIN_NAMES:
+        raise DataError(
+            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc or builtin:docsum"
+        )
+    if split and split not in SPLITS:
+        raise DataError(f"{source}: unknown split {split!r}{did_you_mean(split, SPLITS)}; choose one of {', '.join(SPLITS)}")
+    return name, split or None
+
+
+def read_builtin(source: str) -> Iterator[tuple[str, dict]]:
+    name, split = parse_builtin(source)
+    records = pydoc_records() if name == "pydoc" else docsum_records()
+    for index, (record_split, record) in enumerate(records):
+        if split is None or record_split == split:
+            yield f"builtin:{name} record {index}", dict(record)  # a copy: callers may mutate records
+
+
+def split_of(key: str) -> str:
+    """Deterministic ~90/5/5 train/validation/test split of a stable id, by hash."""
+    bucket = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docs() -> tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...]:
+    """(module name, pydoc-like page, ((qualified name, docstring), ...)) for each stdlib module, sorted.
+
+    The files are parsed with `ast`, never imported: importing arbitrary stdlib modules has side
+    effects (antigravity opens a browser, this prints) and what imports depends on the platform.
+    One parse serves both corpora and only the extracted text is kept, not the syntax trees.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    modules = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if any(p in skip for p in parts):
+            continue
+        name = ".".join(p for p in parts if p != "__init__")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escape sequences in old modules warn while parsing
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue  # e.g. lib2to3 grammar fixtures; skipping them is deterministic too
+        docs = []
+        module_doc = ast.get_docstring(tree, clean=True)
+        if module_doc:
+            docs.append((name, module_doc))
+        docs.extend(_documented(tree.body, f"{name}."))
+        modules.append((name, _module_text(name, module_doc, tree), tuple(docs)))
+    modules.sort(key=lambda item: item[0])
+    return tuple(modules)
+
+
+def _public(name: str) -> bool:
+    """Public names and dunder methods (whose docstrings are often the best-written ones)."""
+    return not name.startswith("_") or (name.startswith("__") and name.endswith("__") and len(name) > 4)
+
+
+def _documented(body: list[ast.stmt], prefix: str) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) of the documented public classes and functions in a body, nested classes included."""
+    for node in body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
+            doc = ast.get_docstring(node, clean=True)
+            if doc:
+                yield f"{prefix}{node.name}", doc
+            if isinstance(node, ast.ClassDef):
+                yield from _documented(node.body, f"{prefix}{node.name}.")
+
+
+def _signature(node: ast.AST) -> str:
+    if isinstance(node, ast.ClassDef):
+        bases = ", ".join(ast.unparse(b) for b in node.bases)
+        return f"class {node.name}({bases})" if bases else f"class {node.name}"
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns is not None else ""
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    return f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"
+
+
+def _indent(text: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line if line.strip() else "" for line in text.splitlines())
+
+
+def _module_text(name: str, module_doc: str | None, tree: ast.Module) -> str:
+    """A pydoc-like plain-text page: the module docstring, then each documented class (with methods) and function."""
+    blocks = [module_doc] if module_doc else []
+
+    def add(body: list[ast.stmt], depth: int) -> None:
+        for node in body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
+                doc = ast.get_docstring(node, clean=True)
+                if doc:
+                    blocks.append(_indent(_signature(node), 4 * depth) + "\n" + _indent(doc, 4 * depth + 4))
+                if isinstance(node, ast.ClassDef) and depth < 2:
+                    add(node.body, depth + 1)
+
+    add(tree.body, 0)
+    if not blocks:
+        return ""
+    title = f"Module {name}"
+    return f"{title}\n{'=' * len(title)}\n\n" + "\n\n".join(blocks) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def pydoc_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:pydoc as (split, {"title", "text"}): pydoc_data topics plus stdlib module docs, split by title hash."""
+    from pydoc_data.topics import topics
+
+    records = [{"title": f"topic:{title}", "text": topics[title]} for title in sorted(topics)]
+    for name, text, _ in _stdlib_docs():
+        if len(text) >= 200:  # a bare title with a one-line docstring teaches little
+            records.append({"title": f"module:{name}", "text": text})
+    return tuple((split_of(r["title"]), r) for r in records)
+
+
+_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
+
+
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+
+
+def _docsum_pair(doc: str) -> tuple[str, str] | None:
+    """(summary, document) from a cleaned docstring, or None when it is not a usable example.
+
+    The summary is the docstring's first paragraph (usually one line) joined into one line, or its
+    first line when that is a whole sentence followed directly by more text; the document is the
+    rest. Keep it only when the summary is a real sentence (not a signature line such as
+    'S.find(sub) -> int') and the document is at least 100 characters and two sentences (or 200
+    characters) long.
+    """
+    head, sep, body = doc.partition("\n\n")
+    if not sep:
+        head, sep, body = doc.partition("\n")
+        if not sep or not head.rstrip().endswith("."):
+            return None
+    summary = " ".join(head.split())
+    body = body.strip()
+    if not 15 <= len(summary) <= 300 or _SIGNATURE_LINE.match(summary) or "->" in summary:
+        return None
+    if len(body) < 100 or (len(_SENTENCE_END.findall(body)) < 2 and len(body) < 200):
+        return None
+    return summary, body
+
+
+@functools.lru_cache(maxsize=1)
+def docsum_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:docsum as (split, {"id", "document", "summary"}): one record per stdlib docstring, split by id hash."""
+    records, seen = [], set()
+    for _, _, docs in _stdlib_docs():
+        for ident, doc in docs:
+            pair = _docsum_pair(doc)
+            if pair is None or pair in seen:  # inherited/copied docstrings repeat; keep the first
+                continue
+            seen.add(pair)
+            records.append({"id": ident, "document": pair[1], "summary": pair[0]})
+    return tuple((split_of(r["id"]), r) for r in records)

@@ -1,0 +1,564 @@
+"""The one place that loads tokenizers and models, checks them against a recipe, sizes them and saves them.
+
+    llmkit validate pretrain/tiny     # prints parameters, FLOPs per token and tokens per parameter
+
+- tokenizers: `load_tokenizer` (a directory or hub id; a pad token always, EOS when training needs it);
+- configs: `model_config` (model.type + overrides, or model.path), `checkpoint_config`, `max_positions`;
+- checks: `check_model_dir` (is this a Hugging Face model directory?), `check_vocab`, `local_model_path`;
+- models: `build_model` for training (from config or checkpoint, float32 master weights, QLoRA),
+  `apply_lora`, and `load_model` for inference (a model or LoRA adapter directory);
+- sizes: `parameter_counts`, `flops_per_token`, `model_summary_lines`;
+- saving: `save_hf_model`, `save_lora`, `write_model_card`.
+
+FLOPs per token follow the PaLM / nanoGPT convention: 6 * N for the weight matmuls (forward 2N,
+backward 4N) plus 12 * n_layers * hidden_size * seq_len for attention scores and values, where N
+counts every parameter that takes part in a matmul (the output projection included, the input
+embedding lookup and position embeddings excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from llmkit.data.sources import source_names
+from llmkit.errors import ModelError, RecipeError
+from llmkit.recipes import check_model_overrides, recipe_to_yaml
+from llmkit.rundir import write_text_atomic
+
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab_size(tokenizer_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The embedding rows for a tokenizer: its size rounded up to a multiple of 64 (faster matmuls)."""
+    return int(math.ceil(tokenizer_size / multiple) * multiple)
+
+
+def load_tokenizer(name_or_path: str | Path, key: str = "tokenizer", require_eos: bool = True):
+    """AutoTokenizer with a pad token (EOS when it defines none); ModelError naming `key` when it cannot be read.
+
+    Training needs EOS (it separates packed documents and ends fine-tuning targets); generation does not.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelError(f"{key}: {name_or_path} is a file; give the directory a tokenizer was saved to")
+    if not path.exists():
+        local_model_path(str(name_or_path), key)  # fail at once for a missing run dir, not after Hub retries
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(name_or_path))
+    except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError, ...
+        where = "not a local directory, and not loadable from the Hub" if not path.exists() else "cannot be loaded"
+        raise ModelError(
+            f"{key}: {name_or_path}: {where} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:140]}); "
+            "train one with `llmkit tokenizer train` and point tokenizer at its output_dir"
+        ) from None
+    if require_eos and tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"{key}: {name_or_path}: the tokenizer has no eos_token; training needs it to end documents and targets"
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        # Padding positions carry label -100 and no attention, so any id works; EOS is always there.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model's config allows, or None when it does not say."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_config(recipe, vocab_size: int | None = None, special_ids: dict[str, int] | None = None):
+    """The transformers config a recipe describes (no weights): from model.type + overrides, or model.path."""
+    from transformers import AutoConfig
+
+    spec = recipe.model
+    check_model_overrides(spec)
+    overrides = dict(spec.config_overrides)
+    if spec.type is not None:
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        for key, value in (special_ids or {}).items():
+            overrides.setdefault(key, value)
+        try:
+            config = AutoConfig.for_model(spec.type, **overrides)
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"model: {str(exc).splitlines()[0]}") from None
+    else:
+        config = checkpoint_config(spec.path)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise RecipeError(f"model.{key}: unknown key for the {config.model_type} config of {spec.path}")
+            setattr(config, key, value)
+    _check_config(recipe, config)
+    return config
+
+
+def local_model_path(path: str, key: str = "model.path") -> Path | None:
+    """The local directory `path` names, None for a hub id; ModelError for a local path that does not exist.
+
+    A missing "runs/pretrain-tiny" reads like a hub id "owner/name", so when the Hub cannot be
+    reached (HF_HUB_OFFLINE, or no DNS) it is reported at once as a missing directory instead of
+    after half a minute of download retries. A hub id already in the local Hub cache still loads offline.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate
+    first = Path(path).parts[0] if Path(path).parts else path
+    looks_local = path.startswith((".", "/", "~")) or Path(first).is_dir() or path.count("/") > 1
+    if looks_local or not (_hub_reachable() or _in_hub_cache(path)):
+        raise ModelError(
+            f"{key}: {path} does not exist{'' if looks_local else ' locally and the Hugging Face Hub is not reachable'}; "
+            "run the stage that writes it first (llmkit tokenizer train / pretrain / finetune) or fix the path"
+        )
+    return None
+
+
+def _hub_reachable() -> bool:
+    """False when hub downloads are switched off or the Hub's host does not resolve (a fast, local check)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _check_config(recipe, config) -> None:
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if heads and hidden and getattr(config, "head_dim", None) is None and hidden % heads:
+        raise RecipeError(f"model.hidden_size ({hidden}) must be divisible by model.num_attention_heads ({heads})")
+    kv = getattr(config, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise RecipeError(f"model.num_attention_heads ({heads}) must be divisible by model.num_key_value_heads ({kv})")
+    limit = max_positions(config)
+    seq_len = recipe.data.seq_len
+    if limit is not None and seq_len > limit:
+        raise RecipeError(
+            f"data.seq_len ({seq_len}) is larger than the model's max positions ({limit}); "
+            f"lower data.seq_len or raise model.max_position_embeddings"
+        )
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """bos/eos/pad token ids of a tokenizer as config keys."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint directories and configs
+# ----------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def where_failed(path: str, exc: BaseException) -> str:
+    """Why a model or config could not be loaded, saying so when the path is no local directory."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not Path(path).expanduser().exists():
+        return f"{path}: no such directory, and no Hub model of that name could be loaded ({reason})"
+    return f"cannot load from {path} ({reason})"
+
+
+def check_model_dir(path: str, where: str = "model.path", tokenizer: str | None = None) -> None:
+    """ModelError naming `where` when a checkpoint directory is missing, or lacks config, weights or tokenizer."""
+    local = local_model_path(path, where)
+    if local is None:
+        return  # a hub id: from_pretrained reports what is wrong with it
+    if not local.is_dir():
+        raise ModelError(f"{where}: {path}: is a file; give the checkpoint directory that holds config.json")
+    names = {p.name for p in local.iterdir()}
+    if "adapter_config.json" in names and "config.json" not in names:
+        return  # a LoRA adapter directory: peft loads the base model it names
+    if "config.json" not in names:
+        hint = " (it holds checkpoints/; the final model is written when training finishes)" if "checkpoints" in names else ""
+        raise ModelError(f"{where}: {path}: no config.json, so this is not a Hugging Face model directory{hint}")
+    if not names.intersection(WEIGHT_FILES):
+        raise ModelError(f"{where}: {path}: no model weights (model.safetensors or pytorch_model.bin)")
+    tok_dir = Path(tokenizer).expanduser() if tokenizer else local
+    if tok_dir.is_dir() and not {p.name for p in tok_dir.iterdir()}.intersection(TOKENIZER_FILES):
+        key = "tokenizer" if tokenizer else where
+        raise ModelError(f"{key}: {tok_dir}: no tokenizer files (tokenizer.json); set `tokenizer:` to the tokenizer directory")
+
+
+def checkpoint_config(path: str, where: str = "model.path"):
+    """The transformers config of a checkpoint (of the base model, for a LoRA adapter directory)."""
+    from transformers import AutoConfig
+
+    check_model_dir(path, where)
+    local = Path(path).expanduser()
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        adapter = json.loads((local / "adapter_config.json").read_text(encoding="utf-8"))
+        path = adapter.get("base_model_name_or_path") or path
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{where}: {where_failed(path, exc)}") from None
+
+
+def vocab_size_of(config) -> int | None:
+    """The embedding rows a config declares (multimodal configs keep them in text_config)."""
+    return getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+
+
+def check_vocab(tokenizer, embedding_rows: int | None, where: str) -> None:
+    """ModelError when the tokenizer has ids the model's embedding matrix cannot hold."""
+    if embedding_rows is not None and len(tokenizer) > embedding_rows:
+        raise ModelError(
+            f"{where}: the tokenizer has {len(tokenizer):,} tokens but the model has {embedding_rows:,} embedding rows "
+            f"(vocab_size is {embedding_rows}); use the tokenizer the model was trained with, or resize the model"
+        )
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else mps on Apple silicon, else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Models for training (from a recipe) and for inference (from a directory)
+# ----------------------------------------------------------------------------------------------
+
+LORA_HINT = "pip install 'llmkit[lora]'"
+
+
+def check_lora_available(recipe) -> None:
+    """RecipeError when LoRA is asked without peft, or QLoRA without CUDA and bitsandbytes."""
+    lora = getattr(recipe, "lora", None)
+    if lora is None:
+        return
+    if not lora.enabled:
+        if lora.load_in_4bit or lora.merge:
+            raise RecipeError("lora.load_in_4bit / lora.merge need lora.enabled: true")
+        return
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"lora.enabled: LoRA needs the peft package; install it with {LORA_HINT}") from None
+    if lora.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError("lora.load_in_4bit: QLoRA needs a CUDA GPU; set lora.load_in_4bit=false to train LoRA in full precision")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise RecipeError("lora.load_in_4bit: QLoRA needs bitsandbytes; pip install bitsandbytes") from None
+
+
+def training_config(recipe, tokenizer):
+    """The checked config of the model a pretrain or finetune recipe trains, fitted to its tokenizer."""
+    if recipe.model.type is not None:
+        config = model_config(recipe, padded_vocab_size(len(tokenizer)), special_token_ids(tokenizer))
+        check_vocab(tokenizer, vocab_size_of(config), "model.vocab_size")
+    else:
+        config = model_config(recipe)
+        check_vocab(tokenizer, vocab_size_of(config), f"model.path {recipe.model.path}")
+    return config
+
+
+def build_model(recipe, tokenizer):
+    """The causal LM a recipe trains: fresh from config (seeded by train.seed) or loaded from model.path.
+
+    Weights are model.dtype (float32 master weights by default: transformers 5 would otherwise load a
+    bf16 checkpoint as bf16); QLoRA recipes load the base model in 4-bit.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = recipe.model
+    config = training_config(recipe, tokenizer)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, spec.dtype)}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    lora = getattr(recipe, "lora", None)
+    if lora is not None and lora.enabled and lora.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+        )
+    try:
+        if spec.type is not None:
+            torch.manual_seed(recipe.train.seed)
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+        local = local_model_path(spec.path)
+        name = str(local.resolve()) if local is not None else spec.path
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"model: cannot build it from {spec.path or spec.type} ({str(exc).splitlines()[0][:200]})") from None
+    check_vocab(tokenizer, model.get_input_embeddings().num_embeddings, f"model.path {spec.path}")
+    return model
+
+
+def apply_lora(model, recipe):
+    """Wrap the model with peft LoRA adapters; only adapter weights keep requires_grad."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    spec = recipe.lora
+    if spec.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules, task_type="CAUSAL_LM"
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise RecipeError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(
+    path: str,
+    tokenizer: str | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = "sdpa",
+    device: str | None = None,
+    where: str = "model.path",
+):
+    """(model, tokenizer) of a checkpoint directory (or LoRA adapter directory), in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    check_model_dir(path, where, tokenizer)
+    hf_logging.disable_progress_bar()  # a progress bar per checkpoint drowns the report
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    is_adapter = (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+    try:
+        if is_adapter:
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{where}: {where_failed(path, exc)}") from None
+    model.to(device or default_device()).eval()
+    tok = load_tokenizer(tokenizer or path, "tokenizer" if tokenizer else where, require_eos=False)
+    return model, tok
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes and FLOPs
+# ----------------------------------------------------------------------------------------------
+
+
+def meta_model(config):
+    """The model on the meta device: shapes only, no memory, for counting parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """total / embedding (input lookup + position tables) / matmul parameters (those in 6N)."""
+    import torch
+
+    total = sum(p.numel() for p in model.parameters())
+    lookup = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            lookup += module.weight.numel()
+    out = model.get_output_embeddings()
+    tied = out is not None and model.get_input_embeddings() is not None and out.weight is model.get_input_embeddings().weight
+    # A tied output projection shares its weight with the lookup table but still costs a matmul.
+    matmul = total - lookup + (out.weight.numel() if tied else 0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "embedding": lookup, "matmul": matmul, "trainable": trainable}
+
+
+def flops_per_token(config, matmul_params: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6 * matmul params + 12 * layers * hidden * seq_len (attention)."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    return int(6 * matmul_params + 12 * layers * hidden * seq_len)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def model_summary_lines(config, counts: dict[str, int], recipe, world_size: int = 1, max_steps: int | None = None) -> list[str]:
+    """Parameters, tokens per step, steps, FLOPs and tokens per parameter, as aligned lines."""
+    train = recipe.train
+    seq_len = recipe.data.seq_len
+    tokens_per_step = train.micro_batch_size * train.grad_accum_steps * seq_len * world_size
+    steps = max_steps or train.max_steps or math.ceil(train.max_tokens / tokens_per_step)
+    total_tokens = tokens_per_step * steps
+    fpt = flops_per_token(config, counts["matmul"], seq_len)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", "?")
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", "?")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", "?")
+    budget = "" if train.max_steps else f" (from max_tokens {train.max_tokens:,})"
+    upper = " at most" if recipe.stage == "finetune" else ""
+    lines = [
+        f"model:            {config.model_type}, {layers} layers, hidden {hidden}, {heads} heads, vocab {config.vocab_size}",
+        f"parameters:       {_human(counts['total'])} ({counts['total']:,}; embedding tables {_human(counts['embedding'])}, in matmuls {_human(counts['matmul'])})",
+    ]
+    if counts.get("trainable") is not None and counts["trainable"] != counts["total"]:
+        lines.append(f"trainable:        {_human(counts['trainable'])}")
+    lines += [
+        f"tokens per step:  {train.micro_batch_size} micro-batch x {train.grad_accum_steps} accum x {seq_len} seq_len x {world_size} process{'es' if world_size > 1 else ''} ={upper} {tokens_per_step:,}",
+        f"steps:            {steps:,}{budget}",
+        f"total tokens:    {upper} {total_tokens:,}",
+        f"FLOPs per token:  {_human(fpt)} (6N + 12*layers*hidden*seq_len)",
+        f"total FLOPs:      {fpt * total_tokens:.3g}",
+        f"tokens per param: {total_tokens / max(counts['total'], 1):.2f} (Chinchilla-optimal is about 20)",
+    ]
+    return lines
+
+
+def write_model_card(output_dir: Path, recipe, summary: dict[str, Any], counts: dict[str, int]) -> None:
+    """README.md model card: what was trained, on what, for how long, and how to load it."""
+    val = summary.get("val_loss")
+    results = f"- validation loss {val:.4f}, perplexity {summary['val_ppl']:.2f}\n" if val is not None else ""
+    card = f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [llmkit, {recipe.stage}]
+---
+
+# {Path(output_dir).name}
+
+A {summary.get('model_type', 'causal')} language model ({counts['total']:,} parameters) trained with
+`llmkit {recipe.stage}`.
+
+- training data: {source_names(recipe.data.train)}
+- validation data: {source_names(getattr(recipe.data, 'validation', None))}
+- steps: {summary['step']:,}, tokens: {summary['tokens']:,}, sequence length {recipe.data.seq_len}
+{results}
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{output_dir}")
+model = AutoModelForCausalLM.from_pretrained("{output_dir}")
+```
+
+## Recipe
+
+```yaml
+{recipe_to_yaml(recipe).rstrip()}
+```
+"""
+    write_text_atomic(Path(output_dir) / "README.md", card)
+
+
+def save_hf_model(model, tokenizer, output_dir: Path, weights: bool = True) -> None:
+    """Final model in Hugging Face format (safetensors), tokenizer and generation config at output_dir."""
+    from transformers import GenerationConfig
+
+    output_dir = Path(output_dir)
+    if weights:
+        model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    gen = GenerationConfig.from_model_config(model.config)
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(output_dir)
+
+
+def save_lora(model, tokenizer, output_dir: Path, merge: bool) -> None:
+    """The adapter in peft format and, with `merge`, the merged full model.
+
+    Without merge the adapter files sit at the top of output_dir (AutoModelForCausalLM and
+    PeftModel both load them when peft is installed). With merge the merged model takes the top, so
+    plain transformers loads it, and the adapter goes to output_dir/adapter. Merging happens in
+    place, so this must be the last use of `model`.
+    """
+    output_dir = Path(output_dir)
+    adapter_dir = output_dir / "adapter" if merge else output_dir
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    if merge:
+        merged = model.merge_and_unload()
+        merged.config.use_cache = True  # the loop turned the cache off for training only
+        merged.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        if getattr(merged, "generation_config", None) is not None:
+            merged.generation_config.save_pretrained(output_dir)
+
+
+def enable_packing(model) -> bool:
+    """Prepare `model` for packed rows and check numerically that packed examples do not attend to each other.
+
+    transformers derives the block-diagonal mask from position ids only when no KV cache is built,
+    and a training forward builds one by default (config.use_cache), which silently turns packing
+    into cross-example attention. So the cache is switched off for training (generation passes
+    use_cache explicitly and is unaffected). Returns False, leaving the model as it was, when the
+    model still mixes packed examples (e.g. no mask support from position ids).
+    """
+    import torch
+
+    previous = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab, (1, 5), generator=gen)
+    b = torch.randint(0, vocab, (1, 7), generator=gen)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=b).logits
+            packed = model(
+                input_ids=torch.cat([a, b], dim=1),
+                position_ids=torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0),
+            ).logits[:, 5:]
+        isolated = bool(torch.allclose(alone.float(), packed.float(), atol=1e-4, rtol=1e-3))
+    except (TypeError, ValueError, RuntimeError):  # a model that rejects position_ids cannot pack
+        isolated = False
+    finally:
+        model.train(was_training)
+    if not isolated:
+        model.config.use_cache = previous
+    return isolated

@@ -1,0 +1,511 @@
+"""The one training loop of llmkit, shared by pretraining and fine-tuning, on accelerate.Accelerator.
+
+    llmkit pretrain pretrain/tiny --set train.max_steps=50
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m llmkit pretrain pretrain/gpt2-124m
+
+Contract for callers (llmkit/stages/pretrain.py and llmkit/stages/finetune.py):
+
+1. Build the model (on CPU, float32 master weights) and load the tokenizer (llmkit/models.py).
+2. Build a `TrainData` (llmkit/data/batches.py): tokenized examples, a collate function, a seeded
+   batch order, optional validation examples.
+3. Call `fit(recipe, model, tokenizer, data, extra_eval=..., overwrite=...)`. It creates the
+   Accelerator, the optimizer and schedule, resumes from the newest complete checkpoint in
+   `recipe.output_dir`, trains, evaluates, checkpoints, handles SIGINT/SIGTERM/SIGUSR1, and writes
+   the final Hugging Face model at the top of `output_dir`.
+
+Call `llmkit.rundir.check_run_dir(recipe, overwrite)` yourself before loading anything heavy, so
+that a refused run directory fails fast; `fit` checks it again before writing.
+
+Randomness: after `set_seed` the global RNGs drive only the model (dropout). Everything else that
+needs randomness draws from its own generator (the batch order from (seed, epoch), the DataLoader,
+the peak-FLOPs probe), so a run resumed from a checkpoint's RNG states continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmkit import dist, rundir
+from llmkit.data.batches import TrainData
+from llmkit.errors import Interrupted, RecipeError, TrainingError
+from llmkit.models import (
+    flops_per_token,
+    model_summary_lines,
+    parameter_counts,
+    save_hf_model,
+    write_model_card,
+)
+from llmkit.training import checkpoints
+from llmkit.training.hardware import peak_flops, resolve_mixed_precision
+from llmkit.training.log import MetricsLog, available_trackers, flat_config, progress_bar
+from llmkit.training.loss import evaluate_loss, make_sum_nll, scored_and_input_tokens
+from llmkit.training.microbatches import MicroBatches, to_device
+from llmkit.training.optim import lr_multiplier, make_optimizer
+from llmkit.training.signals import StopSignals
+
+ExtraEval = Callable[[Any, int], dict[str, float]]
+"""`extra_eval(model, step) -> {"rougeL": 0.31, ...}`: task metrics merged into each eval event.
+
+Called on every process (the model is the unwrapped model, in eval mode, under torch.no_grad());
+values returned by the main process are logged.
+"""
+
+SaveFinal = Callable[[Any, Any, Any], None]
+"""`save_final(model, tokenizer, output_dir)`: write the final model (default: `save_hf_model`).
+
+Fine-tuning with LoRA passes its own, to write adapters (and optionally a merged model)."""
+
+EVAL_KEYS = ("event", "step", "tokens", "val_loss", "val_ppl", "val_tokens")
+
+
+@dataclass
+class TrainState:
+    """The loop's position: what trainer_state.json in every checkpoint holds besides the weights."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    stream_position: dict | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        """The state saved in a checkpoint (unknown keys such as world_size are ignored)."""
+        known = {k: saved[k] for k in cls.__dataclass_fields__ if k in saved}
+        return cls(**known)
+
+
+@dataclass
+class Window:
+    """Throughput and loss since the last log line."""
+
+    tokens: float = 0.0
+    nll: float = 0.0
+    scored: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def pause(self, seconds: float) -> None:
+        """Exclude `seconds` (evaluation, checkpointing) from the training throughput."""
+        self.started += seconds
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, reduced over processes."""
+
+    loss: float
+    nll_sum: float
+    lr: float
+    grad_norm: float | None
+    finite: bool
+    scored: float
+    tokens: float
+    stop: bool
+
+
+@dataclass
+class Run:
+    """Everything `fit` sets up before the first step."""
+
+    recipe: Any
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    batches: MicroBatches
+    log: MetricsLog
+    sum_nll: Callable
+    max_steps: int
+    mixed_precision: str
+    counts: dict[str, int]
+    flops_per_token: int
+    peak_flops: float
+    resume_from: Path | None
+    start_step: int
+    state: TrainState
+    config: Any
+    use_cache: bool | None
+
+    @property
+    def cfg(self):
+        """The recipe's train section."""
+        return self.recipe.train
+
+    @property
+    def output_dir(self) -> Path:
+        """The run directory."""
+        return Path(self.recipe.output_dir)
+
+
+def fit(
+    recipe,
+    model,
+    tokenizer,
+    data: TrainData,
+    *,
+    extra_eval: ExtraEval | None = None,
+    save_final: SaveFinal | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train `model` on `data` as `recipe.train` says; resume, evaluate, checkpoint, save. Returns a summary.
+
+    recipe:     a PretrainRecipe or FinetuneRecipe (uses output_dir, data.seq_len and the train section).
+    model:      a transformers PreTrainedModel (or a peft model wrapping one) on CPU.
+    tokenizer:  saved with every checkpoint's final model.
+    overwrite:  replace a different finished run in output_dir instead of raising RunDirError.
+
+    The summary dict holds: step, tokens, train_loss (last logged), val_loss, val_ppl (last eval,
+    None without validation), stopped ("completed" | "signal"), output_dir, resumed_from (step or None).
+    Raises llmkit.errors.Interrupted after saving a checkpoint when a signal stops the run, and
+    TrainingError on a non-finite loss, naming the step.
+    """
+    # 1. Run directory, accelerator, model, optimizer, schedule; resume.
+    run = _setup(recipe, model, data, overwrite)
+    # 2. Train, evaluating, logging and checkpointing as the recipe says.
+    summary = _train(run, data, extra_eval)
+    # 3. Final model in Hugging Face format, model card, summary.
+    return _finish(run, tokenizer, data, save_final, summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Setup
+# ----------------------------------------------------------------------------------------------
+
+
+def _accelerator(cfg, output_dir: Path, mixed_precision: str, trackers: list[str]):
+    import torch
+    from accelerate import Accelerator
+
+    # Under a multi-process launcher on a machine without CUDA, accelerate only sets up gloo when told
+    # it runs on CPU; otherwise every process would believe it is alone.
+    cpu_multiprocess = not torch.cuda.is_available() and dist.world_size() > 1
+    return Accelerator(
+        cpu=cpu_multiprocess,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with=trackers or None,
+        project_dir=str(output_dir),
+    )
+
+
+def _max_steps(recipe, world: int) -> int:
+    cfg = recipe.train
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * recipe.data.seq_len * world
+    max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / tokens_per_step)
+    if cfg.warmup_steps > max_steps:
+        raise RecipeError(f"train.warmup_steps ({cfg.warmup_steps}) is larger than the {max_steps} steps of train.max_tokens")
+    return max_steps
+
+
+def _prepare_model(model, cfg):
+    """Gradient checkpointing and no KV cache for training; returns the config's use_cache to restore."""
+    if cfg.gradient_checkpointing:
+        # transformers 5 renamed it; non-reentrant checkpointing works with DDP's no_sync and frozen inputs.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache is not None:
+        # No KV cache in training: gradient checkpointing needs that, and without a cache transformers
+        # infers per-document attention from restarting position ids (data.doc_masking: attention).
+        config.use_cache = False
+    return use_cache
+
+
+def _configure_deepspeed(accelerator, cfg) -> None:
+    # DeepSpeed cannot infer the micro-batch size from our own loader, and its accumulation and
+    # clipping settings override the Accelerator's: take all three from the recipe.
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum_steps
+    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.grad_clip or 0.0
+
+
+def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
+    """Phases 1a-1e: everything before the first optimizer step."""
+    import torch
+    from accelerate.utils import set_seed
+
+    cfg = recipe.train
+    output_dir = Path(recipe.output_dir)
+
+    # 1a. Run directory: refuse another run before writing anything; find the checkpoint to resume.
+    resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    trackers = available_trackers(list(cfg.trackers))
+    accelerator = _accelerator(cfg, output_dir, mixed_precision, trackers)
+    world = accelerator.num_processes
+    max_steps = _max_steps(recipe, world)
+
+    # 1b. The data position comes from the checkpoint's trainer state; building the batch iterator
+    #     here also rejects data too small for one optimizer step before anything is written.
+    state = TrainState.from_checkpoint(checkpoints.read_trainer_state(resume_from)) if resume_from else TrainState()
+    batches = MicroBatches(data, cfg, accelerator.process_index, world, accelerator.device, state.step, state.stream_position)
+    if accelerator.is_main_process:
+        if resume_from is None:
+            rundir.clear_run_dir(output_dir)
+        rundir.write_resolved(recipe, output_dir)
+    accelerator.wait_for_everyone()
+    # Measured before seeding: the probe must not consume the RNG streams that resume restores.
+    peak = peak_flops(accelerator.device, mixed_precision)
+    set_seed(cfg.seed, device_specific=True)  # per-process dropout streams; the data order has its own seed
+    if trackers:
+        accelerator.init_trackers(output_dir.name, config=flat_config(recipe))
+
+    # 1c. Model, optimizer, schedule. The scheduler is stepped by hand once per optimizer step
+    #     (accelerate's prepared scheduler would step once per process).
+    counts = parameter_counts(model)
+    config = getattr(model, "config", None)
+    fpt = flops_per_token(config, counts["matmul"], recipe.data.seq_len)
+    use_cache = _prepare_model(model, cfg)
+    optimizer = make_optimizer(model, cfg)
+    multiplier = functools.partial(
+        lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=max_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr / cfg.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    if dist.distributed_kind(accelerator) == "deepspeed":
+        _configure_deepspeed(accelerator, cfg)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # 1d. Resume: model, optimizer, scheduler, RNG states and the data position.
+    if resume_from is not None:
+        state = TrainState.from_checkpoint(checkpoints.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
+        accelerator.print(f"resuming from {resume_from} (step {state.step}, {state.tokens:,} tokens)")
+    log = MetricsLog(accelerator, output_dir / "metrics.jsonl", state.step if resume_from is not None else None)
+
+    # 1e. What this run is, in a few lines.
+    if accelerator.is_main_process:
+        for line in model_summary_lines(config, counts, recipe, world_size=world, max_steps=max_steps):
+            accelerator.print(line)
+        accelerator.print(f"data:             {data.description}")
+        accelerator.print(f"precision:        {mixed_precision}; {peak.description}")
+    return Run(
+        recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        batches=batches, log=log, sum_nll=make_sum_nll(accelerator, model, cfg), max_steps=max_steps,
+        mixed_precision=mixed_precision, counts=counts, flops_per_token=fpt, peak_flops=peak.flops,
+        resume_from=resume_from, start_step=state.step, state=state, config=config, use_cache=use_cache,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Training
+# ----------------------------------------------------------------------------------------------
+
+
+def _step(run: Run, data: TrainData, signals: StopSignals) -> StepResult:
+    """Forward and backward over this step's micro-batches, clip, and take the optimizer step."""
+    import torch
+
+    accelerator, model, cfg = run.accelerator, run.model, run.cfg
+    world = accelerator.num_processes
+    micro, position = run.batches.next_step()
+    micro = [to_device(b, accelerator.device) for b in micro]
+    counts = torch.tensor([scored_and_input_tokens(micro)], dtype=torch.float64, device=accelerator.device)[0]
+    scored, step_tokens = accelerator.reduce(counts, reduction="sum").tolist()
+    nll_local = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for batch in micro:
+        with accelerator.accumulate(model):
+            nll, _ = run.sum_nll(batch)
+            # Gradient of (step's summed NLL / step's scored tokens over all processes): accelerate
+            # divides by grad_accum_steps and DDP averages over processes, so multiply both back.
+            accelerator.backward(nll * (cfg.grad_accum_steps * world / max(scored, 1.0)))
+            nll_local += nll.detach().double()
+    stop_flag = torch.tensor(float(signals.received is not None), dtype=torch.float64, device=accelerator.device)
+    nll_sum, stop = accelerator.reduce(torch.stack([nll_local, stop_flag]), reduction="sum").tolist()
+    loss = nll_sum / max(scored, 1.0)
+    grad_norm = None
+    if math.isfinite(loss) and cfg.grad_clip is not None:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+    finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm) or run.mixed_precision == "fp16")
+    lr = run.scheduler.get_last_lr()[0]
+    if finite:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    state = run.state
+    state.step += 1
+    state.tokens += int(step_tokens)
+    state.stream_position = position if data.stream is not None else None
+    return StepResult(loss=loss, nll_sum=nll_sum, lr=lr, grad_norm=grad_norm, finite=finite, scored=scored, tokens=step_tokens, stop=stop > 0)
+
+
+def _skip_nonfinite(run: Run, result: StepResult, bar) -> None:
+    """Count a skipped non-finite step, or stop with TrainingError once train.skip_nonfinite_steps is used up."""
+    state = run.state
+    if state.skipped_steps >= run.cfg.skip_nonfinite_steps:
+        bar.close()
+        latest = rundir.latest_checkpoint(run.output_dir)
+        run.log.write({"event": "nonfinite", "step": state.step, "tokens": state.tokens, "loss": str(result.loss)})
+        raise TrainingError(
+            f"non-finite loss ({result.loss}) at step {state.step}; stopped without saving. "
+            + (f"The last good checkpoint is {latest}. " if latest else "No checkpoint was written. ")
+            + "Lower train.lr, enable train.grad_clip, or set train.skip_nonfinite_steps to skip a few such steps"
+        )
+    state.skipped_steps += 1
+    run.log.write({"event": "skip", "step": state.step, "tokens": state.tokens, "loss": str(result.loss)})
+    run.accelerator.print(f"warning: non-finite loss at step {state.step}: skipped ({state.skipped_steps}/{run.cfg.skip_nonfinite_steps})")
+
+
+def _log_train(run: Run, window: Window, result: StepResult, bar) -> float:
+    """Write the train event of the window that ends at this step; returns its loss."""
+    elapsed = time.perf_counter() - window.started
+    tokens_per_s = window.tokens / max(elapsed, 1e-9)
+    # A probe taken on a busy machine can underestimate the peak; what training reached is a lower
+    # bound of it, so MFU never reads above 100%.
+    run.peak_flops = max(run.peak_flops, run.flops_per_token * tokens_per_s)
+    mfu = run.flops_per_token * tokens_per_s / run.peak_flops
+    train_loss = window.nll / max(window.scored, 1.0)
+    event = {"event": "train", "step": run.state.step, "tokens": run.state.tokens, "loss": round(train_loss, 6), "lr": result.lr,
+             "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4)}
+    if result.grad_norm is not None:
+        event["grad_norm"] = round(result.grad_norm, 6)
+    run.log.write(event)
+    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+    return train_loss
+
+
+def _evaluate(run: Run, data: TrainData, extra_eval: ExtraEval | None, bar) -> None:
+    """Validation loss over every validation token (plus the task metric), logged as an eval event."""
+    import torch
+
+    state, accelerator = run.state, run.accelerator
+    val_loss, val_tokens = evaluate_loss(accelerator, run.model, data, run.cfg, run.sum_nll)
+    event = {"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": round(val_loss, 6),
+             "val_ppl": round(math.exp(min(val_loss, 700)), 4), "val_tokens": val_tokens}
+    if extra_eval is not None:
+        unwrapped = accelerator.unwrap_model(run.model)
+        unwrapped.eval()
+        with torch.no_grad():
+            event.update(extra_eval(unwrapped, state.step) or {})
+        unwrapped.train()
+    state.val_loss, state.val_ppl = event["val_loss"], event["val_ppl"]
+    run.log.write(event)
+    if accelerator.is_main_process:
+        extras = "".join(f", {k} {v:.4g}" for k, v in event.items() if k not in EVAL_KEYS and isinstance(v, (int, float)))
+        bar.write(f"step {state.step}: val_loss {val_loss:.4f}, val_ppl {event['val_ppl']:.2f}{extras}")
+
+
+def _save(run: Run) -> Path:
+    """A complete, resumable checkpoint of the current step."""
+    return checkpoints.save_checkpoint(
+        run.accelerator, run.model, run.optimizer, run.scheduler, asdict(run.state), run.output_dir, run.cfg.keep_checkpoints
+    )
+
+
+def _train(run: Run, data: TrainData, extra_eval: ExtraEval | None) -> dict[str, Any]:
+    """Phases 2a-2d, once per optimizer step until max_steps; returns what the summary needs."""
+    cfg, state = run.cfg, run.state
+    train_loss = None
+    last_saved = state.step if run.resume_from is not None else None
+    window = Window()
+    bar = progress_bar(run.accelerator, run.max_steps, state.step)
+    with StopSignals() as signals:
+        run.model.train()
+        while state.step < run.max_steps:
+            # 2a. One optimizer step (skipped when its loss is not finite).
+            result = _step(run, data, signals)
+            if not result.finite:
+                _skip_nonfinite(run, result, bar)
+            window.tokens += result.tokens
+            if result.finite:
+                window.nll += result.nll_sum
+                window.scored += result.scored
+            bar.update(1)
+            last = state.step == run.max_steps
+
+            # 2b. Log.
+            if state.step % cfg.log_every == 0 or last:
+                train_loss = _log_train(run, window, result, bar)
+                window = Window()
+
+            # 2c. Evaluate (not counted in the training throughput).
+            if data.validation is not None and (state.step % cfg.eval_every == 0 or last):
+                started = time.perf_counter()
+                _evaluate(run, data, extra_eval, bar)
+                window.pause(time.perf_counter() - started)
+
+            # 2d. Checkpoint, and stop on a signal once it is saved.
+            if state.step % cfg.save_every == 0 or last or result.stop:
+                started = time.perf_counter()
+                path = _save(run)
+                last_saved = state.step
+                window.pause(time.perf_counter() - started)
+            if result.stop:
+                bar.close()
+                name = signals.received or "a signal on another process"
+                run.log.write({"event": "stop", "step": state.step, "tokens": state.tokens, "signal": name})
+                run.accelerator.end_training()
+                raise Interrupted(f"stopped by {name} at step {state.step}; checkpoint saved to {path}. Run the same command again to resume")
+    bar.close()
+    if last_saved != state.step:
+        _save(run)
+    return {"train_loss": train_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Final model
+# ----------------------------------------------------------------------------------------------
+
+
+def _save_final(accelerator, model, tokenizer, output_dir: Path, save_final: SaveFinal | None) -> None:
+    """Write the final model at the top of output_dir, each file replaced atomically."""
+    kind = dist.distributed_kind(accelerator)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    state_dict = accelerator.get_state_dict(model) if kind != "plain" else None
+    if not accelerator.is_main_process:
+        return
+    staging = output_dir / ".final-tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    if save_final is not None:
+        save_final(unwrapped, tokenizer, staging)
+    elif state_dict is not None:
+        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        save_hf_model(unwrapped, tokenizer, staging, weights=False)
+    else:
+        save_hf_model(unwrapped, tokenizer, staging)
+    for item in sorted(staging.iterdir()):
+        target = output_dir / item.name
+        if target.is_dir() and item.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+
+
+def _finish(run: Run, tokenizer, data: TrainData, save_final: SaveFinal | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """Phase 3: the final model, the model card and summary.json."""
+    accelerator, state = run.accelerator, run.state
+    config = run.config
+    if run.use_cache is not None:
+        config.use_cache = run.use_cache  # generation wants the cache back
+    _save_final(accelerator, run.model, tokenizer, run.output_dir, save_final)
+    summary = {
+        "val_loss": state.val_loss, "val_ppl": state.val_ppl, **summary,
+        "step": state.step, "tokens": state.tokens, "stopped": "completed", "output_dir": str(run.output_dir),
+        "resumed_from": run.start_step if run.resume_from is not None else None,
+        "skipped_steps": state.skipped_steps, "parameters": run.counts["total"], "flops_per_token": run.flops_per_token,
+        "model_type": getattr(config, "model_type", None), "data": data.extra,
+    }
+    if accelerator.is_main_process:
+        write_model_card(run.output_dir, run.recipe, summary, run.counts)
+        rundir.write_json_atomic(run.output_dir / "summary.json", summary)
+        accelerator.print(f"done: {state.step} steps, {state.tokens:,} tokens; model saved to {run.output_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
