@@ -47,7 +47,7 @@ def run_eval(recipe_path: Path, *extra: str):
 def independent_perplexity(model_dir: Path, texts: list[str], seq_len: int, stride: int) -> tuple[float, int]:
     """Sum of NLL and token count from plain transformers, one unpadded window per forward pass.
 
-    Written from the DESIGN.md definition per token: token i >= 1 belongs to the first window k with
+    Written from the protocol in llmkit/metrics/perplexity.py, per token: token i >= 1 belongs to the first window k with
     e_k > i, i.e. k = 0 if i < seq_len else ceil((i + 1 - seq_len) / stride), and is predicted from
     t_{s_k}..t_{i-1} with s_k = max(0, e_k - seq_len).
     """
