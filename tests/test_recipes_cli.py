@@ -126,6 +126,9 @@ def test_wheel_ships_recipes_and_metric(tmp_path):
     for path in RECIPE_FILES + ACCELERATE_FILES:
         assert f"llmkit/recipes/{path.relative_to(bundled_dir()).as_posix()}" in names
     assert any(n.startswith("llmkit/metrics/rouge/") and n.endswith(".py") for n in names)
+    package = ROOT / "llmkit"
+    modules = {f"llmkit/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules <= names, f"modules missing from the wheel: {sorted(modules - names)}"
 
 
 # ------------------------------------------------------------------------------------------------
