@@ -24,6 +24,10 @@ from pretrain_helpers import (
     write_recipe,
 )
 
+# Two gloo processes per test, tens of seconds each: run with `python -m pytest -m slow` (.ci/run does).
+pytestmark = pytest.mark.slow
+
+
 STEPS = 30
 
 

@@ -163,6 +163,7 @@ def test_default_window_is_model_positions_and_stride_half(tmp_path, tiny_model_
     assert (protocol["seq_len"], protocol["stride"]) == (256, 128)  # tiny model: 256 positions
 
 
+@pytest.mark.slow
 def test_two_processes_reduce_sums(tmp_path, tiny_model_dir, docs_file):
     """accelerate launch with 2 CPU processes gives the single-process numbers (sums, not mean of means)."""
     single = write_recipe(

@@ -12,6 +12,9 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 
+# The whole pipeline, minutes on 2 cores: run with `python -m pytest -m slow` (.ci/run does).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def quickstart_dir(tmp_path_factory):

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from llmkit.errors import LlmkitError
+from llmkit.rundir import write_text_atomic
 
 # Column names accepted for each quantity, matched case-insensitively with "_", "-" and spaces alike.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -777,20 +777,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_fit_json(path: str | os.PathLike, result: Any) -> Path:
-    """Write a result (dict or dataclass) as JSON atomically: a temp file in the same directory, then os.replace."""
+    """Write a result (dict or dataclass) as JSON atomically (non-finite numbers as null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n"
-    # Same directory, so os.replace is a rename on one filesystem: readers see the old file or the new one.
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(handle, 0o644)  # mkstemp makes 0600; a fit is meant to be read by others
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
