@@ -14,6 +14,7 @@ medians over repeats are reported):
                 steps (data prepared by llmkit's cache; AdamW fused).
 - llmkit-bf16:  the same with train.mixed_precision=bf16 (autocast on the CPU).
 - llmkit-fp32-unchunked: llmkit-fp32 with train.chunked_loss=false (full logits, as before the chunked loss).
+- llmkit-fp32-muon: llmkit-fp32 with train.optimizer=muon (what Muon's Newton-Schulz steps cost per step).
 
 Both sides build the model with AutoModelForCausalLM.from_config from the same config, float32
 weights, sdpa attention. Tokens/s is measured in steady state over steps [warmup, steps): from the
@@ -133,7 +134,7 @@ def worker_llmkit(cfg: dict) -> dict:
             "max_steps": cfg["steps"], "micro_batch_size": cfg["batch"], "lr": 3e-4, "warmup_steps": 0,
             "schedule": "linear", "save_every": 10**6, "eval_every": 10**6, "log_every": 1,
             "mixed_precision": cfg["precision"], "seed": 1234, "compile": cfg.get("compile", False),
-            "chunked_loss": cfg.get("chunked_loss", True),
+            "chunked_loss": cfg.get("chunked_loss", True), "optimizer": cfg.get("optimizer", "adamw"),
         },
     }
     summary = pretrain(recipe_from_dict(recipe, stage="pretrain"))
@@ -245,6 +246,7 @@ def main() -> None:
         "llmkit-bf16": ("llmkit", {**base, "precision": "bf16"}),
         "llmkit-fp32-compile": ("llmkit", {**base, "precision": "no", "compile": True}),
         "llmkit-fp32-unchunked": ("llmkit", {**base, "precision": "no", "chunked_loss": False}),
+        "llmkit-fp32-muon": ("llmkit", {**base, "precision": "no", "optimizer": "muon"}),
     }
     chosen = [s for s in args.sides.split(",") if s]
     peak_before = measure_peak(args.threads)
@@ -280,6 +282,8 @@ def main() -> None:
         lines.append(f"llmkit-fp32 / hf-trainer = {med('llmkit-fp32') / med('hf-trainer'):.2f}x")
     if "llmkit-fp32-compile" in chosen and "hf-trainer" in chosen:
         lines.append(f"llmkit-fp32-compile / hf-trainer = {med('llmkit-fp32-compile') / med('hf-trainer'):.2f}x")
+    if "llmkit-fp32-muon" in chosen and "hf-trainer" in chosen:
+        lines.append(f"llmkit-fp32-muon / hf-trainer = {med('llmkit-fp32-muon') / med('hf-trainer'):.2f}x")
     if "llmkit-fp32-unchunked" in chosen and "hf-trainer" in chosen:
         lines.append(f"llmkit-fp32-unchunked / hf-trainer = {med('llmkit-fp32-unchunked') / med('hf-trainer'):.2f}x")
     if "llmkit-bf16" in chosen and "llmkit-fp32" in chosen:

@@ -19,8 +19,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit import __version__
-from llmkit.errors import Interrupted, LlmkitError
+from llmkit import __version__, dist
+from llmkit.errors import Interrupted, LlmkitError, disk_error
 from llmkit.recipes import bundled_dir, bundled_names, load_recipe, resolve_recipe_path, schema_reference
 
 # Command -> the module in llmkit/stages/ whose functions it calls.
@@ -35,6 +35,9 @@ STAGES = {
     "plot": "plot",
     "data prepare": "data",
     "data inspect": "data",
+    "scale sweep": "scale",
+    "scale fit": "scale",
+    "scale recommend": "scale",
 }
 
 
@@ -55,6 +58,8 @@ data_app = typer.Typer(help="Prepare and inspect training data.", no_args_is_hel
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(data_app, name="data")
+scale_app = typer.Typer(help="Scaling laws: sweep sizes and token budgets, fit L(N, D), recommend a compute-optimal model.", no_args_is_help=True)
+app.add_typer(scale_app, name="scale")
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file or bundled recipe name (see `llmkit recipes list`).")]
 SetOpt = Annotated[
@@ -66,14 +71,25 @@ OverwriteOpt = Annotated[
 ]
 
 
+def _one_process_says(line: str) -> None:
+    """Print `line` on stderr once per machine: under a launcher every process meets the same bad input or signal."""
+    if dist.is_local_main():
+        typer.echo(line, err=True)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one line on stderr and exit with `code`."""
-    typer.echo(f"error: {message}", err=True)
+    _one_process_says(f"error: {message}")
     raise typer.Exit(code)
 
 
 def handles_errors(func):
-    """Map llmkit's known errors to one stderr line and their exit code, never a traceback."""
+    """Map llmkit's known errors to one stderr line and their exit code, never a traceback.
+
+    A disk problem that no stage caught itself (a read-only or full file system, a permission, a
+    file where a directory must be) is translated here, once for every command (llmkit/errors.py:
+    `disk_error`); any other unexpected error keeps its traceback, since it is a bug to report.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -81,9 +97,16 @@ def handles_errors(func):
             return func(*args, **kwargs)
         except LlmkitError as exc:
             fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__, exc.exit_code)
-        except Interrupted as exc:
-            typer.echo(str(exc), err=True)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Interrupted as exc:  # before `Exception`, which it is: a signal is not a crash
+            _one_process_says(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:
+            error = disk_error(exc)
+            if error is None:
+                raise
+            fail(str(error), error.exit_code)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
@@ -143,8 +166,10 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = Fals
 @handles_errors
 def generate(
     model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id when online).")],
-    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text; '-' or omitted reads prompts from stdin.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read prompts from this file, one per line.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text; '-' or omitted reads the prompt from stdin.")] = None,
+    file: Annotated[
+        Optional[Path], typer.Option("--file", "-f", help="Read the prompt from this file (all of it; .jsonl: one record per line).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
@@ -155,8 +180,14 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap prompts in the tokenizer's chat template.")] = False,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send prompts as they are, without the fine-tune's prompt template.")
+    ] = False,
+    one_per_line: Annotated[
+        bool, typer.Option("--one-per-line", help="Each non-empty line of --file or stdin is a prompt of its own.")
+    ] = False,
 ) -> None:
-    """Sample text from any checkpoint."""
+    """Sample text from any checkpoint; a fine-tuned model's prompts go through its training prompt template."""
     stage("generate").run(
         model=model,
         prompt=prompt,
@@ -171,6 +202,8 @@ def generate(
         chat=chat,
         stop=stop or [],
         stream=stream,
+        raw=raw,
+        one_per_line=one_per_line,
     )
 
 
@@ -222,6 +255,64 @@ def data_inspect(
 ) -> None:
     """Show formatted training examples with trained and masked tokens told apart."""
     stage("data inspect").inspect(load_recipe(recipe, set_, stage="finetune"), num_examples=num_examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scaling laws
+# ----------------------------------------------------------------------------------------------
+
+ConventionOpt = Annotated[
+    Optional[str],
+    typer.Option("--param-convention", help="What N counts: total, non_embedding or matmul (default: what the sweep used)."),
+]
+
+
+@scale_app.command("sweep")
+@handles_errors
+def scale_sweep(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Pretrain a grid of model sizes x token budgets (or IsoFLOP budgets) from one base recipe; reruns skip finished points."""
+    table = stage("scale sweep").sweep(load_recipe(recipe, set_, stage="scale"), overwrite=overwrite)
+    if table:  # only the main process of a multi-process launch has one
+        typer.echo(table)
+
+
+@scale_app.command("fit")
+@handles_errors
+def scale_fit(
+    data: Annotated[Path, typer.Argument(help="A sweep directory, or a CSV / JSONL of points (columns N, D or C, loss).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="fit.json to write (its plot goes beside it, .png).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples for the intervals (0: none).")] = 200,
+    param_convention: ConventionOpt = None,
+) -> None:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta (or a one-variable law) with intervals; write fit.json and a plot."""
+    _convention_choice(param_convention)
+    typer.echo(stage("scale fit").fit(data, output, n_boot=bootstrap, param_convention=param_convention))
+
+
+@scale_app.command("recommend")
+@handles_errors
+def scale_recommend(
+    flops: Annotated[Optional[float], typer.Option("--flops", help="Compute budget C in FLOPs (C = 6 N D), e.g. 1e18.")] = None,
+    gpu_hours: Annotated[Optional[float], typer.Option("--gpu-hours", help="Budget in GPU-hours (with --tokens-per-s).")] = None,
+    tokens_per_s: Annotated[Optional[float], typer.Option("--tokens-per-s", help="Measured training tokens/s per GPU.")] = None,
+    at_params: Annotated[Optional[float], typer.Option("--at-params", help="Model size --tokens-per-s was measured at (default: the base's).")] = None,
+    fit: Annotated[Optional[Path], typer.Option("--fit", help="fit.json or sweep directory (default: Epoch AI's Chinchilla constants).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Pretrain recipe to size (default: the fitted sweep's base).")] = None,
+    write_recipe: Annotated[Optional[Path], typer.Option("--write-recipe", help="Write a ready pretrain recipe here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --write-recipe file.")] = False,
+    param_convention: ConventionOpt = None,
+) -> None:
+    """The compute-optimal model of a budget: N*, D*, predicted loss, shape, steps and wall time."""
+    _convention_choice(param_convention)
+    typer.echo(stage("scale recommend").recommend(
+        flops=flops, gpu_hours=gpu_hours, tokens_per_s=tokens_per_s, at_params=at_params, fit_path=fit, base=base,
+        write_recipe=write_recipe, force=force, param_convention=param_convention,
+    ))
+
+
+def _convention_choice(value: Optional[str]) -> None:
+    if value is not None and value not in ("total", "non_embedding", "matmul"):
+        raise LlmkitError(f"--param-convention {value}: choose total, non_embedding or matmul")
 
 
 # ----------------------------------------------------------------------------------------------

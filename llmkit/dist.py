@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+_IMPORTED = time.time()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -37,6 +40,23 @@ def local_rank() -> int:
 def is_local_main() -> bool:
     """Local rank 0: correct for both shared and node-local caches."""
     return local_rank() == 0
+
+
+def process_started() -> float:
+    """When this process started (Unix time), from /proc on Linux; the import time of this module elsewhere.
+
+    All processes of one launch start together, before any of them can fail, so a marker file older
+    than this was left by an earlier launch (llmkit/data/cache.py relies on it).
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # Field 22 (after the parenthesised command name, which may hold spaces): start in clock ticks since boot.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
 
 
 def log(message: str) -> None:

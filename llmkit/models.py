@@ -6,7 +6,8 @@
 - configs: `model_config` (model.type + overrides, or model.path), `checkpoint_config`, `max_positions`;
 - checks: `check_model_dir` (is this a Hugging Face model directory?), `check_vocab`, `local_model_path`;
 - models: `build_model` for training (from config or checkpoint, float32 master weights, QLoRA),
-  `apply_lora`, and `load_model` for inference (a model or LoRA adapter directory);
+  `apply_lora`, and `load_model` for inference (a model or LoRA adapter directory, or an intermediate
+  checkpoint `RUN/checkpoints/step-N`, rebuilt from the run's recipe: `training_checkpoint`);
 - sizes: `parameter_counts`, `flops_per_token`, `model_summary_lines`;
 - saving: `save_hf_model`, `save_lora`, `write_model_card`.
 
@@ -20,13 +21,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
-from llmkit.data.sources import source_names
-from llmkit.errors import ModelError, RecipeError
-from llmkit.recipes import check_model_overrides, recipe_to_yaml
-from llmkit.rundir import write_text_atomic
+import yaml
+
+from llmkit.data.sft import ensure_chat_template
+from llmkit.data.sources import hub_host_resolves, source_names
+from llmkit.errors import ModelError, RecipeError, did_you_mean
+from llmkit.recipes import bundled_command_writing, check_model_overrides, load_recipe, recipe_to_yaml
+from llmkit.rundir import CHECKPOINTS, MARKER, latest_checkpoint, write_text_atomic
 
 VOCAB_MULTIPLE = 64
 
@@ -49,8 +54,11 @@ def load_tokenizer(name_or_path: str | Path, key: str = "tokenizer", require_eos
     if not path.exists():
         local_model_path(str(name_or_path), key)  # fail at once for a missing run dir, not after Hub retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(name_or_path))
+        # Never run code shipped with a tokenizer or model (auto_map): no prompt, a refusal instead.
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(name_or_path), trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError, ...
+        if asks_for_remote_code(exc):
+            raise ModelError(f"{key}: {name_or_path}: {REMOTE_CODE}") from None
         where = "not a local directory, and not loadable from the Hub" if not path.exists() else "cannot be loaded"
         raise ModelError(
             f"{key}: {name_or_path}: {where} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:140]}); "
@@ -82,23 +90,118 @@ def model_config(recipe, vocab_size: int | None = None, special_ids: dict[str, i
     spec = recipe.model
     check_model_overrides(spec)
     overrides = dict(spec.config_overrides)
+    _check_override_values(overrides)
     if spec.type is not None:
+        _check_head_split(spec.type, overrides)
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
         for key, value in (special_ids or {}).items():
             overrides.setdefault(key, value)
         try:
             config = AutoConfig.for_model(spec.type, **overrides)
-        except (ValueError, TypeError) as exc:
-            raise RecipeError(f"model: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # ValueError, TypeError, and huggingface_hub's StrictDataclass*Error (an Exception)
+            raise RecipeError(_config_problem(exc)) from None
     else:
         config = checkpoint_config(spec.path)
         for key, value in overrides.items():
             if not hasattr(config, key):
                 raise RecipeError(f"model.{key}: unknown key for the {config.model_type} config of {spec.path}")
-            setattr(config, key, value)
+            try:
+                setattr(config, key, value)
+            except Exception as exc:  # the config's own field validation
+                raise RecipeError(_config_problem(exc)) from None
+    check_causal(config, "model.type" if spec.type is not None else "model.path", spec.path, recipe_sets_config=True)
     _check_config(recipe, config)
     return config
+
+
+# model.* keys that size a model: a positive integer each (null keeps the config's default where it
+# has one). transformers accepts 0 and -1 here and builds an empty model or divides by zero.
+SIZE_KEYS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings",
+    "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "n_ctx", "d_model", "num_layers", "num_heads", "ffn_dim",
+})
+
+
+def _check_override_values(overrides: dict[str, Any]) -> None:
+    """RecipeError naming model.<key> for a size that is not a positive integer, or a rate that is not a probability."""
+    for key, value in overrides.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"model.{key}: must be a finite number, got {value}")
+        countable = key in SIZE_KEYS or key.startswith(("num_", "n_")) or key.endswith(("_size", "_dim", "_layers", "_heads"))
+        if key in SIZE_KEYS and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecipeError(f"model.{key}: must be a positive integer, got {value!r}")
+        if countable and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise RecipeError(f"model.{key}: must not be negative, got {value}")
+        if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, (int, float)) and not 0 <= value < 1:
+            raise RecipeError(f"model.{key}: a dropout probability must be in [0, 1), got {value}")
+
+
+def _check_head_split(model_type: str, overrides: dict[str, Any]) -> None:
+    """hidden_size / attention heads / key-value heads must divide, checked before transformers builds the config."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise RecipeError(f"model.type: {model_type!r} is not a transformers model type{did_you_mean(model_type, list(CONFIG_MAPPING.keys()))}")
+    cls = CONFIG_MAPPING[model_type]
+    aliases = getattr(cls, "attribute_map", None) or {}
+
+    def value(name: str) -> tuple[Any, str]:
+        stored = aliases.get(name, name)
+        for key in (name, stored):
+            if key in overrides:
+                return overrides[key], key
+        return getattr(cls, stored, None), stored
+
+    (hidden, hidden_key), (heads, heads_key) = value("hidden_size"), value("num_attention_heads")
+    (kv, kv_key), (head_dim, _) = value("num_key_value_heads"), value("head_dim")
+    ints = [v for v in (hidden, heads, kv) if v is not None]
+    if not all(isinstance(v, int) and v > 0 for v in ints):
+        return  # a default that is not a plain count (a list per layer, ...): the config class checks it
+    if hidden and heads and head_dim is None and hidden % heads:
+        raise RecipeError(f"model.{hidden_key} ({hidden}) must be divisible by model.{heads_key} ({heads})")
+    if heads and kv and heads % kv:
+        raise RecipeError(f"model.{heads_key} ({heads}) must be divisible by model.{kv_key} ({kv})")
+
+
+def _config_problem(exc: BaseException) -> str:
+    """One line for a config transformers refused, naming model.<field> when its validation says which."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    field = re.match(r"Validation error for field '([^']+)'", lines[0])
+    cause = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    cause = re.sub(r"^\w+Error: ", "", cause)
+    return f"model.{field.group(1)}: {cause}" if field else f"model: {cause}"
+
+
+# These configs declare is_decoder, but their causal-LM class always masks causally.
+ALWAYS_CAUSAL = frozenset({"gpt_neox", "gpt_neox_japanese", "trocr"})
+
+
+def is_bidirectional(config) -> bool:
+    """True for an encoder config (bert, roberta, electra, ...): its *ForCausalLM / *LMHeadModel class attends
+    to later tokens too unless is_decoder is set, so next-token training and scoring would see the answer."""
+    return (
+        getattr(config, "is_decoder", None) is False
+        and not getattr(config, "is_encoder_decoder", False)
+        and getattr(config, "model_type", None) not in ALWAYS_CAUSAL
+    )
+
+
+def check_causal(config, where: str, path: str | None = None, recipe_sets_config: bool = False) -> None:
+    """ModelError naming `where` when the config describes a bidirectional encoder instead of a causal LM.
+
+    Setting is_decoder=True behind the user's back would turn bert into a different model than the
+    one asked for, so llmkit refuses; a recipe that means it sets model.is_decoder: true itself.
+    """
+    if not is_bidirectional(config):
+        return
+    what = f"model.type: {config.model_type}" if path is None else f"{where}: {path} holds a {config.model_type} model, which"
+    raise ModelError(
+        f"{what} is an encoder (bidirectional attention), not a causal language model; "
+        "choose a decoder such as llama, gpt2, qwen2"
+        + (" (or set model.is_decoder: true to give it a causal mask)" if recipe_sets_config else "")
+    )
 
 
 def local_model_path(path: str, key: str = "model.path") -> Path | None:
@@ -114,9 +217,11 @@ def local_model_path(path: str, key: str = "model.path") -> Path | None:
     first = Path(path).parts[0] if Path(path).parts else path
     looks_local = path.startswith((".", "/", "~")) or Path(first).is_dir() or path.count("/") > 1
     if looks_local or not (_hub_reachable() or _in_hub_cache(path)):
+        writer = bundled_command_writing(path)  # runs/tokenizer-tiny: `llmkit tokenizer train tokenizer/tiny` writes it
+        fix = f"run `{writer}` first" if writer else "run the stage that writes it first (llmkit tokenizer train / pretrain / finetune)"
         raise ModelError(
             f"{key}: {path} does not exist{'' if looks_local else ' locally and the Hugging Face Hub is not reachable'}; "
-            "run the stage that writes it first (llmkit tokenizer train / pretrain / finetune) or fix the path"
+            f"{fix} or fix the path"
         )
     return None
 
@@ -124,17 +229,10 @@ def local_model_path(path: str, key: str = "model.path") -> Path | None:
 def _hub_reachable() -> bool:
     """False when hub downloads are switched off or the Hub's host does not resolve (a fast, local check)."""
     import os
-    import socket
-    from urllib.parse import urlparse
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
+    return hub_host_resolves()
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -182,48 +280,232 @@ WEIGHT_FILES = (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+REMOTE_CODE = (
+    "it asks to run Python code shipped with it (auto_map), which llmkit never does; "
+    "use a model or tokenizer of a type transformers itself knows"
+)
+
+
+def asks_for_remote_code(exc: BaseException) -> bool:
+    """True for transformers' refusal (trust_remote_code=False) of a directory or repo that ships its own code."""
+    return "contains custom code which must be executed" in str(exc) or "references custom code" in str(exc)
+
+
 def where_failed(path: str, exc: BaseException) -> str:
     """Why a model or config could not be loaded, saying so when the path is no local directory."""
+    if asks_for_remote_code(exc):
+        return f"{path}: {REMOTE_CODE}"
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if not Path(path).expanduser().exists():
         return f"{path}: no such directory, and no Hub model of that name could be loaded ({reason})"
     return f"cannot load from {path} ({reason})"
 
 
-def check_model_dir(path: str, where: str = "model.path", tokenizer: str | None = None) -> None:
-    """ModelError naming `where` when a checkpoint directory is missing, or lacks config, weights or tokenizer."""
+def training_checkpoint(path: str | Path) -> Path | None:
+    """The run directory of an intermediate training checkpoint (RUN/checkpoints/step-N), None for anything else.
+
+    Such a checkpoint holds the trained weights but no config.json or tokenizer: the model is rebuilt
+    from the run's recipe.yaml exactly as training built it (`load_model`), so eval and generate take
+    `runs/x/checkpoints/step-00000100` like any model directory.
+    """
+    local = Path(path).expanduser()
+    run = local.parent.parent
+    if local.parent.name == CHECKPOINTS and (local / MARKER).is_file() and (run / "recipe.yaml").is_file():
+        return None if (local / "config.json").is_file() else run
+    return None
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory a model path belongs to: itself, or the run of an intermediate checkpoint."""
+    return training_checkpoint(path) or Path(path).expanduser()
+
+
+def _checkpoint_recipe(path: str, where: str):
+    """The training recipe of an intermediate checkpoint's run, checked to be loadable from it."""
+    run = training_checkpoint(path)
+    if not (Path(path) / "model.safetensors").is_file():
+        raise ModelError(
+            f"{where}: {path}: this checkpoint holds no model.safetensors (FSDP and DeepSpeed checkpoints keep their "
+            "own layout); load the run's final model instead"
+        )
+    try:
+        recipe = load_recipe(run / "recipe.yaml")
+    except RecipeError as exc:
+        raise ModelError(f"{where}: {path}: the run's recipe.yaml does not load ({exc})") from None
+    if recipe.stage not in ("pretrain", "finetune"):
+        raise ModelError(f"{where}: {path}: {run / 'recipe.yaml'} is a {recipe.stage} recipe, not a training run")
+    return recipe
+
+
+def _checkpoint_tokenizer(recipe, where: str):
+    """The tokenizer a training run used: `tokenizer`, else (fine-tuning) the one saved with model.path."""
+    name = recipe.tokenizer or recipe.model.path
+    tokenizer = load_tokenizer(name, f"{where} (the run's tokenizer)", require_eos=False)
+    task = getattr(recipe, "task", None)
+    if task is not None and task.type == "instruction":
+        ensure_chat_template(tokenizer)  # as fine-tuning did (llmkit/stages/finetune.py)
+    return tokenizer
+
+
+def _load_training_checkpoint(path: str, where: str):
+    """(model, tokenizer) of an intermediate checkpoint: the run's model rebuilt from its recipe, its weights loaded."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = _checkpoint_recipe(path, where)
+    tokenizer = _checkpoint_tokenizer(recipe, where)
+    model = build_model(recipe, tokenizer)
+    lora = getattr(recipe, "lora", None)
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, recipe)
+    # The checkpoint holds the parameters training changed, under the names of the model training built.
+    weights = load_file(str(Path(path) / "model.safetensors"))
+    params = dict(model.named_parameters())
+    unexpected = [name for name in weights if name not in params]
+    if unexpected:
+        raise ModelError(
+            f"{where}: {path}: the checkpoint's weights do not match the model of {run_dir_of(path) / 'recipe.yaml'} "
+            f"(unexpected {unexpected[:3]}); was the recipe changed after the checkpoint was written?"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].dtype))
+    if lora is not None and lora.enabled:
+        model = model.merge_and_unload()
+    return model, tokenizer
+
+
+def check_model_dir(
+    path: str, where: str = "model.path", tokenizer: str | None = None, tokenizer_key: str | None = "tokenizer",
+    needs_tokenizer: bool = True,
+) -> None:
+    """ModelError naming `where` when a checkpoint directory is missing, or lacks config, weights or tokenizer.
+
+    tokenizer:       the tokenizer the caller loads instead of the model's own (a recipe's `tokenizer:`).
+    tokenizer_key:   the recipe key that could name one, suggested when the model has none; None when the
+                     caller has no such key (`llmkit generate`).
+    needs_tokenizer: False when only config and weights are read.
+    """
     local = local_model_path(path, where)
     if local is None:
         return  # a hub id: from_pretrained reports what is wrong with it
+    if training_checkpoint(local) is not None:
+        _checkpoint_recipe(path, where)  # an intermediate checkpoint: rebuilt from its run's recipe
+        return
     if not local.is_dir():
         raise ModelError(f"{where}: {path}: is a file; give the checkpoint directory that holds config.json")
     names = {p.name for p in local.iterdir()}
     if "adapter_config.json" in names and "config.json" not in names:
         return  # a LoRA adapter directory: peft loads the base model it names
     if "config.json" not in names:
-        hint = " (it holds checkpoints/; the final model is written when training finishes)" if "checkpoints" in names else ""
+        hint = ""
+        if "checkpoints" in names:
+            newest = latest_checkpoint(local)
+            hint = " (it holds checkpoints/; the final model is written when training finishes" + (
+                f"; its newest checkpoint {newest} loads now)" if newest else ")"
+            )
         raise ModelError(f"{where}: {path}: no config.json, so this is not a Hugging Face model directory{hint}")
     if not names.intersection(WEIGHT_FILES):
         raise ModelError(f"{where}: {path}: no model weights (model.safetensors or pytorch_model.bin)")
     tok_dir = Path(tokenizer).expanduser() if tokenizer else local
-    if tok_dir.is_dir() and not {p.name for p in tok_dir.iterdir()}.intersection(TOKENIZER_FILES):
-        key = "tokenizer" if tokenizer else where
-        raise ModelError(f"{key}: {tok_dir}: no tokenizer files (tokenizer.json); set `tokenizer:` to the tokenizer directory")
+    if not needs_tokenizer or not tok_dir.is_dir() or {p.name for p in tok_dir.iterdir()}.intersection(TOKENIZER_FILES):
+        return
+    if tokenizer:
+        fix = f"point {tokenizer_key or 'tokenizer'} at the directory a tokenizer was saved to"
+    elif tokenizer_key:
+        fix = f"set `{tokenizer_key}:` to the tokenizer directory the model was trained with"
+    else:
+        trained_with = _recipe_tokenizer(local)
+        fix = (
+            f"copy the tokenizer files of {trained_with} (the tokenizer its recipe.yaml names) into it" if trained_with
+            else "copy the tokenizer files of the tokenizer it was trained with (the output_dir of `llmkit tokenizer train`) into it"
+        )
+    key = tokenizer_key if tokenizer else where
+    raise ModelError(f"{key}: {tok_dir}: no tokenizer files (tokenizer.json, tokenizer_config.json); {fix}")
+
+
+def _recipe_tokenizer(run_dir: Path) -> str | None:
+    """The `tokenizer:` of the recipe.yaml a run directory holds, None when there is none."""
+    try:
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    name = saved.get("tokenizer") if isinstance(saved, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def checkpoint_config(path: str, where: str = "model.path"):
     """The transformers config of a checkpoint (of the base model, for a LoRA adapter directory)."""
     from transformers import AutoConfig
 
-    check_model_dir(path, where)
+    check_model_dir(path, where, needs_tokenizer=False)
     local = Path(path).expanduser()
+    if training_checkpoint(local) is not None:
+        recipe = _checkpoint_recipe(path, where)
+        return training_config(recipe, _checkpoint_tokenizer(recipe, where))
     if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
         adapter = json.loads((local / "adapter_config.json").read_text(encoding="utf-8"))
         path = adapter.get("base_model_name_or_path") or path
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{where}: {where_failed(path, exc)}") from None
+
+
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def weight_errors() -> tuple[type[BaseException], ...]:
+    """What from_pretrained raises for weights it cannot read.
+
+    A pickle that torch.load(weights_only=True) refuses (its payload never runs), safetensors'
+    header errors, torch's zip-archive errors for a truncated .bin, a pickle of something other
+    than a state dict (TypeError), and size mismatches with config.json (RuntimeError).
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError, TypeError)
+
+
+def weights_error(path: str, where: str, exc: BaseException) -> ModelError:
+    """A one-line ModelError naming the weights file of `path` that could not be loaded, and why."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    local = Path(path).expanduser()
+    present = [local / name for name in WEIGHT_FILES + ADAPTER_WEIGHT_FILES if (local / name).is_file()]
+    suffix = ".bin" if isinstance(exc, (pickle.UnpicklingError, EOFError)) else ".safetensors" if isinstance(exc, SafetensorError) else ""
+    target = next((f for f in present if f.name.endswith(suffix)), present[0] if present else local)
+    lines = str(exc).splitlines() or [""]
+    # torch's refusal starts with a paragraph about weights_only; the line naming the object says more.
+    reason = (next((line for line in lines if "GLOBAL" in line), lines[0]).strip()[:160]) or type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError):
+        return ModelError(
+            f"{where}: {target}: refused to load: it holds Python objects other than tensors ({reason}); "
+            "it may be tampered with. Re-save the model as model.safetensors"
+        )
+    if isinstance(exc, RuntimeError) and "mismatch" in str(exc):
+        return ModelError(
+            f"{where}: {target}: the weights do not fit {local / 'config.json'} (tensor sizes differ); "
+            "was config.json edited or copied from another model?"
+        )
+    return ModelError(
+        f"{where}: {target} is truncated or corrupt ({type(exc).__name__}: {reason}); "
+        "re-save, re-download or re-train the model"
+    )
+
+
+def check_loading_info(info: dict, path: str, where: str) -> None:
+    """ModelError when from_pretrained left some of the model's weights at random values (absent from the files)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(
+            f"{where}: {path}: its weights lack {len(missing)} of the model's tensors (e.g. {', '.join(missing[:3])}), "
+            "so they would be random; the weights file is not this model's, or is incomplete"
+        )
 
 
 def vocab_size_of(config) -> int | None:
@@ -293,6 +575,16 @@ def training_config(recipe, tokenizer):
     return config
 
 
+def quiet_progress_bars() -> None:
+    """No "Loading weights" / "Writing model shards" bars from transformers: llmkit's own lines say what happens.
+
+    A tiny model loads in milliseconds, and every bar is a dozen lines in a log file.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def build_model(recipe, tokenizer):
     """The causal LM a recipe trains: fresh from config (seeded by train.seed) or loaded from model.path.
 
@@ -302,6 +594,7 @@ def build_model(recipe, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_progress_bars()
     spec = recipe.model
     config = training_config(recipe, tokenizer)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, spec.dtype)}
@@ -317,13 +610,19 @@ def build_model(recipe, tokenizer):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
         )
+    unreadable_weights = weight_errors() if spec.type is None else ()  # from_config reads no file
     try:
         if spec.type is not None:
             torch.manual_seed(recipe.train.seed)
-            return AutoModelForCausalLM.from_config(config, **kwargs)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs)
         local = local_model_path(spec.path)
         name = str(local.resolve()) if local is not None else spec.path
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name, config=config, trust_remote_code=False, output_loading_info=True, **kwargs
+        )
+        check_loading_info(info, spec.path, "model.path")
+    except unreadable_weights as exc:
+        raise weights_error(spec.path, "model.path", exc) from None
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"model: cannot build it from {spec.path or spec.type} ({str(exc).splitlines()[0][:200]})") from None
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings, f"model.path {spec.path}")
@@ -331,7 +630,8 @@ def build_model(recipe, tokenizer):
 
 
 def apply_lora(model, recipe):
-    """Wrap the model with peft LoRA adapters; only adapter weights keep requires_grad."""
+    """Wrap the model with peft LoRA adapters (initialised from train.seed); only adapter weights keep requires_grad."""
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     spec = recipe.lora
@@ -340,6 +640,9 @@ def apply_lora(model, recipe):
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules, task_type="CAUSAL_LM"
     )
+    # lora_A is drawn at random: seed it here, as build_model seeds a fresh model, so a recipe gives
+    # the same adapters every time (fit's set_seed comes later, for dropout).
+    torch.manual_seed(recipe.train.seed)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
@@ -360,18 +663,29 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     check_model_dir(path, where, tokenizer)
+    if training_checkpoint(path) is None:
+        check_causal(checkpoint_config(path, where), where, path)  # before any weights are read
     hf_logging.disable_progress_bar()  # a progress bar per checkpoint drowns the report
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     is_adapter = (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
     try:
+        if training_checkpoint(path) is not None:
+            model, run_tokenizer = _load_training_checkpoint(path, where)
+            model.to(device or default_device(), getattr(torch, dtype)).eval()
+            if tokenizer is None:
+                return model, run_tokenizer
+            return model, load_tokenizer(tokenizer, "tokenizer", require_eos=False)
         if is_adapter:
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).merge_and_unload()
+            model = AutoPeftModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs).merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, output_loading_info=True, **kwargs)
+            check_loading_info(info, path, where)
+    except weight_errors() as exc:
+        raise weights_error(path, where, exc) from None
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{where}: {where_failed(path, exc)}") from None
     model.to(device or default_device()).eval()
@@ -391,11 +705,15 @@ def meta_model(config):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
 def parameter_counts(model) -> dict[str, int]:
-    """total / embedding (input lookup + position tables) / matmul parameters (those in 6N)."""
+    """total / embedding (input lookup + position tables) / non_embedding / matmul (those in 6N) / trainable parameters.
+
+    non_embedding is Kaplan et al.'s N: every parameter but the lookup tables and the output (unembedding)
+    matrix, whether or not it is tied to the input embedding. The scaling-law tools fit any of the three.
+    """
     import torch
 
     total = sum(p.numel() for p in model.parameters())
@@ -407,8 +725,9 @@ def parameter_counts(model) -> dict[str, int]:
     tied = out is not None and model.get_input_embeddings() is not None and out.weight is model.get_input_embeddings().weight
     # A tied output projection shares its weight with the lookup table but still costs a matmul.
     matmul = total - lookup + (out.weight.numel() if tied else 0)
+    non_embedding = total - lookup - (out.weight.numel() if out is not None and not tied else 0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "embedding": lookup, "matmul": matmul, "trainable": trainable}
+    return {"total": total, "embedding": lookup, "non_embedding": non_embedding, "matmul": matmul, "trainable": trainable}
 
 
 def flops_per_token(config, matmul_params: int, seq_len: int) -> int:
@@ -442,6 +761,10 @@ def model_summary_lines(config, counts: dict[str, int], recipe, world_size: int 
         f"model:            {config.model_type}, {layers} layers, hidden {hidden}, {heads} heads, vocab {config.vocab_size}",
         f"parameters:       {_human(counts['total'])} ({counts['total']:,}; embedding tables {_human(counts['embedding'])}, in matmuls {_human(counts['matmul'])})",
     ]
+    if "non_embedding" in counts:
+        lines.append(
+            f"N conventions:    total {counts['total']:,}, non-embedding {counts['non_embedding']:,}, matmul {counts['matmul']:,}"
+        )
     if counts.get("trainable") is not None and counts["trainable"] != counts["total"]:
         lines.append(f"trainable:        {_human(counts['trainable'])}")
     lines += [
@@ -496,6 +819,7 @@ def save_hf_model(model, tokenizer, output_dir: Path, weights: bool = True) -> N
     """Final model in Hugging Face format (safetensors), tokenizer and generation config at output_dir."""
     from transformers import GenerationConfig
 
+    quiet_progress_bars()
     output_dir = Path(output_dir)
     if weights:
         model.save_pretrained(output_dir, safe_serialization=True)
@@ -515,6 +839,7 @@ def save_lora(model, tokenizer, output_dir: Path, merge: bool) -> None:
     plain transformers loads it, and the adapter goes to output_dir/adapter. Merging happens in
     place, so this must be the last use of `model`.
     """
+    quiet_progress_bars()
     output_dir = Path(output_dir)
     adapter_dir = output_dir / "adapter" if merge else output_dir
     model.save_pretrained(adapter_dir)

@@ -14,11 +14,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmkit.errors import RecipeError, did_you_mean
 
-STAGES = ("tokenizer", "pretrain", "finetune", "eval")
+STAGES = ("tokenizer", "pretrain", "finetune", "eval", "scale")
 
 
 RESUMABLE = {"resumable": True}
@@ -26,10 +36,39 @@ RESUMABLE = {"resumable": True}
 budget or the bookkeeping, not what a given step computes (see `resumable_keys`)."""
 
 
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+_SCIENTIFIC = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+def _whole_number(value: Any) -> Any:
+    """Let a count be written 1e6 or 2.5e9: YAML reads those as a string or a float, not an int."""
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value  # anything else is left to the int check, which names the key
+
+
+Count = Annotated[int, BeforeValidator(_whole_number)]
+"""An integer count of steps, tokens or records that may also be written 1e6 or 2.5e9."""
+
+
+def _pair(value: Any) -> Any:
+    """Name the count when a pair is given too few or too many values ('needs 2 values, got 1')."""
+    if isinstance(value, (list, tuple)) and len(value) != 2:
+        raise ValueError(f"needs 2 values, got {len(value)}")
+    return value
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Betas = Annotated[tuple[Beta, Beta], BeforeValidator(_pair)]
+"""Adam's (beta1, beta2): two decay rates in [0, 1)."""
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated, numbers are finite."""
+
+    # allow_inf_nan=False: YAML reads .inf and .nan as floats, and `gt=0` lets inf through (train.lr: .inf).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +83,7 @@ class HubSource(Section):
     name: str | None = Field(None, description="Dataset configuration name, e.g. 'wikitext-103-raw-v1'.")
     split: str = Field("train", description="Split to read.")
     streaming: bool = Field(True, description="Stream the dataset instead of downloading it whole.")
-    max_samples: int | None = Field(None, ge=1, description="Read at most this many records.")
+    max_samples: Count | None = Field(None, ge=1, description="Read at most this many records.")
     revision: str | None = Field(None, description="Dataset revision (branch, tag or commit).")
 
 
@@ -52,12 +91,69 @@ Source = Union[str, HubSource]
 """A local file, glob or directory; 'builtin:NAME[/SPLIT]'; 'hub:ID'; or a HubSource mapping."""
 
 
+class MixtureEntry(Section):
+    """What a weighted pretraining source adds to a plain one (see llmkit/data/mixture.py)."""
+
+    weight: float | None = Field(None, gt=0, description="Share of the mixture's tokens (weights are normalised to sum to 1).")
+    label: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name in reports and in val_loss/LABEL (default: from the path or hub id)."
+    )
+    validation: list[Source] | None = Field(None, description="This source's own validation text, reported as val_loss/LABEL.")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return _as_list(value)
+
+
+class WeightedSource(MixtureEntry):
+    """A local or built-in pretraining source with its share of the mixture: {path: prose/*.txt, weight: 0.7}."""
+
+    path: str = Field(description="A local file, glob or directory, 'builtin:NAME[/SPLIT]' or 'hub:ID' (or a HubSource mapping with a weight).")
+    weight: float = Field(gt=0, description="Share of the mixture's tokens (weights are normalised to sum to 1).")
+
+
+class WeightedHubSource(HubSource, MixtureEntry):
+    """A HubSource that may carry a mixture weight, a label and its own validation sources."""
+
+
+def _source_tag(value: Any) -> str | None:
+    """Which kind of source a data.train entry is, so a mistake is reported against the right schema."""
+    if isinstance(value, dict):
+        return "HubSource" if "hub" in value else "WeightedSource" if "path" in value else None
+    if isinstance(value, HubSource):
+        return "HubSource"
+    return "WeightedSource" if isinstance(value, WeightedSource) else "str"
+
+
+MixSource = Annotated[
+    Union[Annotated[str, Tag("str")], Annotated[WeightedHubSource, Tag("HubSource")], Annotated[WeightedSource, Tag("WeightedSource")]],
+    Discriminator(
+        _source_tag,
+        custom_error_type="source_kind",
+        custom_error_message="a mapping source needs 'path' (with 'weight') or 'hub', e.g. {path: prose/*.txt, weight: 0.7}",
+    ),
+]
+"""A pretraining source: a Source, or a weighted one ({path: ..., weight: ...} or a HubSource with weight)."""
+
+SOURCE_MODELS = (HubSource, MixtureEntry)
+"""Source mappings: listed as one key in the reference, never recursed into."""
+
+SOURCE_TAGS: dict[str, type[Section] | None] = {"str": None, "HubSource": WeightedHubSource, "WeightedSource": WeightedSource}
+"""Union tags that pydantic puts in an error's location; error messages leave them out."""
+
+
 def _as_list(value: Any) -> Any:
     """Let a single source be written without list brackets."""
-    return [value] if isinstance(value, (str, dict, HubSource)) else value
+    return [value] if isinstance(value, (str, dict, *SOURCE_MODELS)) else value
 
 
 SourceList = Annotated[list[Source], Field(min_length=1)]
+
+EncodingErrors = Literal["strict", "replace", "skip"]
+ChoiceLayout = Literal["auto", "generic", "arc", "hellaswag", "piqa", "winogrande", "mmlu"]
+"""Multiple-choice record layouts (llmkit/metrics/choice.py); generic = {context, choices, label}."""
+ENCODING_ERRORS_HELP = "Bytes in local files that are not UTF-8: strict = error naming the byte, replace = U+FFFD, skip = drop them."
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +198,8 @@ class TokenizerData(Section):
     train: SourceList = Field(description="Sources to train on.")
     validation: list[Source] | None = Field(None, description="Held-out sources for the report.")
     text_field: str = Field("text", description="Field holding the text in .jsonl/.json/.csv/.parquet sources.")
-    max_samples: int | None = Field(None, ge=1, description="Train on at most this many documents.")
+    encoding_errors: EncodingErrors = Field("strict", description=ENCODING_ERRORS_HELP)
+    max_samples: Count | None = Field(None, ge=1, description="Train on at most this many documents.")
     heldout_docs: int = Field(
         200, ge=0, description="Documents held out from train for the report when no validation is given."
     )
@@ -144,6 +241,35 @@ class ModelSpec(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the loaded weights (float32 master weights for training)."
     )
+    # The size dial (llmkit/scaling/shapes.py). Training turns it into explicit model.* sizes, which the
+    # run directory's recipe.yaml records and compares on resume, so the dial keys themselves are
+    # bookkeeping there (RESUMABLE): a changed dial that changes the model shows up as a changed size.
+    target_params: Count | None = Field(
+        None, ge=1, description="Size dial: build a model of about this many parameters (counted as param_convention), e.g. 20e6.",
+        json_schema_extra=RESUMABLE,
+    )
+    depth: int | None = Field(
+        None, ge=1, description="Size dial: layers; alone it sets hidden = aspect_ratio x depth (nanochat's rule).",
+        json_schema_extra=RESUMABLE,
+    )
+    aspect_ratio: int = Field(64, ge=8, description="Size dial: hidden size per layer it aims for.", json_schema_extra=RESUMABLE)
+    param_convention: Literal["total", "non_embedding", "matmul"] = Field(
+        "non_embedding", description="Size dial: which count target_params means (non_embedding: no embedding or output matrix).",
+        json_schema_extra=RESUMABLE,
+    )
+
+    @model_validator(mode="after")
+    def _check_dial(self) -> ModelSpec:
+        if self.path is not None and (self.target_params is not None or self.depth is not None):
+            raise ValueError(
+                "model.target_params / model.depth size a model built from model.type; a checkpoint (model.path) keeps its size"
+            )
+        return self
+
+    @property
+    def has_size_dial(self) -> bool:
+        """Whether model.target_params or model.depth asks llmkit to choose the shape."""
+        return self.target_params is not None or self.depth is not None
 
     @property
     def config_overrides(self) -> dict[str, Any]:
@@ -154,14 +280,17 @@ class ModelSpec(BaseModel):
 class LMData(Section):
     """Language-modelling data: raw text packed into seq_len blocks."""
 
-    train: SourceList = Field(description="Training sources.")
+    train: Annotated[list[MixSource], Field(min_length=1)] = Field(
+        description="Training sources; give each a weight ({path: ..., weight: 0.7}) to sample a mixture."
+    )
     validation: list[Source] | None = Field(None, description="Validation sources.")
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of train documents when no validation is given."
     )
     text_field: str = Field("text", description="Field holding the text in structured sources.")
+    encoding_errors: EncodingErrors = Field("strict", description=ENCODING_ERRORS_HELP)
     seq_len: int = Field(512, ge=8, description="Tokens per training sequence.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many documents.")
+    max_samples: Count | None = Field(None, ge=1, description="Use at most this many documents.")
     streaming: bool = Field(False, description="Tokenize on the fly instead of caching; for corpora larger than disk/RAM.")
     doc_masking: Literal["none", "position_ids", "attention"] = Field(
         "none",
@@ -170,33 +299,77 @@ class LMData(Section):
     cache_dir: Path | None = Field(
         None, description="Tokenization cache (default: $LLMKIT_CACHE_DIR, else ~/.cache/llmkit/data).", json_schema_extra=RESUMABLE
     )
+    mixture_repeat: Literal["warn", "error"] = Field(
+        "warn", description="A mixture source too small for its share of the run: repeat it with a warning, or refuse.",
+        json_schema_extra=RESUMABLE,
+    )
 
     @field_validator("train", "validation", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return _as_list(value)
 
+    @property
+    def is_mixture(self) -> bool:
+        """Whether data.train is a weighted mixture (every entry has a weight)."""
+        return any(getattr(entry, "weight", None) is not None for entry in self.train)
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> LMData:
+        weighted = [getattr(entry, "weight", None) is not None for entry in self.train]
+        if any(weighted) and not all(weighted):
+            index = weighted.index(False)
+            raise ValueError(
+                f"data.train.{index}: has no weight while other sources have one; give every source a weight, "
+                f"e.g. {{path: {self.train[index] if isinstance(self.train[index], str) else '...'}, weight: 0.3}}"
+            )
+        for index, entry in enumerate(self.train):
+            if isinstance(entry, MixtureEntry) and not any(weighted) and (entry.label or entry.validation):
+                raise ValueError(f"data.train.{index}: label and validation belong to a weighted source; add a weight")
+        return self
+
+
+class ChoiceEvalSpec(Section):
+    """A multiple-choice task scored at every validation (its acc and acc_norm join the eval event)."""
+
+    source: str = Field("builtin:docsum-choice/validation", description="Records of the task: a file, glob or builtin:NAME (multiple-choice layout, as in llmkit eval).")
+    max_examples: Count = Field(100, ge=1, description="Score the first this many questions.")
+    layout: ChoiceLayout = Field("auto", description="Record layout (auto = recognised by the record's fields).")
+    batch_size: int = Field(8, ge=1, description="Questions per forward pass (all choices of a question share one row).")
+
 
 class TrainConfig(Section):
     """Optimisation, schedule, budget, checkpointing and logging."""
 
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (or give max_tokens).", json_schema_extra=RESUMABLE)
-    max_tokens: int | None = Field(None, ge=1, description="Training budget in tokens; sets max_steps.", json_schema_extra=RESUMABLE)
+    max_steps: Count | None = Field(None, ge=1, description="Optimizer steps to run (or give max_tokens instead).", json_schema_extra=RESUMABLE)
+    max_tokens: Count | None = Field(None, ge=1, description="Training budget in tokens (e.g. 1e6), instead of max_steps.", json_schema_extra=RESUMABLE)
     micro_batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of a cosine/linear schedule.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw, or muon on the blocks' hidden weight matrices with AdamW (train.lr) on the rest."
+    )
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (of AdamW; with muon, of the embeddings, output layer, norms, biases).")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of a cosine/linear/wsd schedule.")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="Learning-rate schedule after warmup; wsd = warmup, stable, then 1-sqrt decay over decay_fraction."
+    )
+    warmup_steps: Count = Field(0, ge=0, description="Linear warmup steps.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of train.max_steps in the final decay to min_lr.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to norms, biases, embeddings).")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: Betas = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    muon_lr: float = Field(0.02, gt=0, description="muon: peak learning rate of the hidden matrices (Keller Jordan's Muon default).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum.")
+    muon_weight_decay: float = Field(0.01, ge=0, description="muon: decoupled weight decay of the hidden matrices (times muon_lr).")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = Field(
+        "original", description="muon: per-shape lr scale, sqrt(max(1, out/in)) or 0.2*sqrt(max(out, in)) (torch.optim.Muon adjust_lr_fn)."
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
     seed: int = Field(1234, description="Seed for model init, data order and dropout.")
-    save_every: int = Field(500, ge=1, description="Save a resumable checkpoint every this many steps.", json_schema_extra=RESUMABLE)
-    eval_every: int = Field(500, ge=1, description="Run validation every this many steps.", json_schema_extra=RESUMABLE)
-    eval_batches: int | None = Field(None, ge=1, description="Cap validation at this many batches.", json_schema_extra=RESUMABLE)
-    log_every: int = Field(10, ge=1, description="Log training metrics every this many steps.", json_schema_extra=RESUMABLE)
+    save_every: Count = Field(500, ge=1, description="Save a resumable checkpoint every this many steps.", json_schema_extra=RESUMABLE)
+    eval_every: Count = Field(500, ge=1, description="Run validation every this many steps.", json_schema_extra=RESUMABLE)
+    eval_batches: Count | None = Field(None, ge=1, description="Cap validation at this many batches.", json_schema_extra=RESUMABLE)
+    log_every: Count = Field(10, ge=1, description="Log training metrics every this many steps.", json_schema_extra=RESUMABLE)
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints to keep.", json_schema_extra=RESUMABLE)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on GPUs that support it, otherwise fp32."
@@ -207,18 +380,50 @@ class TrainConfig(Section):
     skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many steps with a non-finite loss before stopping.")
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers.", json_schema_extra=RESUMABLE)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.", json_schema_extra=RESUMABLE)
+    # RESUMABLE: scoring runs under inference_mode and draws no random numbers, so no step changes.
+    choice_eval: ChoiceEvalSpec | None = Field(
+        None, description="Score a multiple-choice task at every eval (needs validation data); logs choice_acc, choice_acc_norm.",
+        json_schema_extra=RESUMABLE,
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> TrainConfig:
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("set train.max_steps or train.max_tokens")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError(
+                f"train.max_steps ({self.max_steps}) and train.max_tokens ({self.max_tokens}) are both set; set one of "
+                "them (a --set of one replaces the other written in the recipe file)"
+            )
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"train.warmup_steps ({self.warmup_steps}) is larger than train.max_steps ({self.max_steps})"
             )
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) is larger than train.lr ({self.lr})")
+        if self.schedule == "wsd" and self.max_steps is not None:
+            check_wsd(self.warmup_steps, self.max_steps, self.decay_fraction)
         return self
+
+    def planned_steps(self, seq_len: int, world_size: int = 1) -> int:
+        """Optimizer steps of the run: max_steps, or max_tokens over the tokens of one step (rounded up)."""
+        tokens_per_step = self.micro_batch_size * self.grad_accum_steps * seq_len * world_size
+        return self.max_steps or -(-self.max_tokens // tokens_per_step)
+
+
+def wsd_decay_steps(max_steps: int, decay_fraction: float) -> int:
+    """Steps in the final decay of the wsd schedule: decay_fraction of max_steps, at least one."""
+    return max(1, round(decay_fraction * max_steps))
+
+
+def check_wsd(warmup_steps: int, max_steps: int, decay_fraction: float) -> None:
+    """ValueError when the warmup and the decay of a wsd schedule overlap."""
+    decay = wsd_decay_steps(max_steps, decay_fraction)
+    if warmup_steps + decay > max_steps:
+        raise ValueError(
+            f"train.warmup_steps ({warmup_steps}) + the wsd decay ({decay} steps = train.decay_fraction {decay_fraction} "
+            f"x {max_steps} steps) is more than train.max_steps ({max_steps}); lower one of them"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +467,21 @@ class TaskSpec(Section):
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: target tokens only).")
     max_target_tokens: int | None = Field(None, ge=1, description="Longest target kept; longer targets are errors.")
 
+    @model_validator(mode="after")
+    def _check_labels(self) -> TaskSpec:
+        # The same rule as labels taken from the data (llmkit/data/sft.py `label_set`): two or more, distinct.
+        if self.type != "classification" or self.labels is None:
+            return self
+        words = [str(w).strip() for w in self.labels]
+        if "" in words:
+            raise ValueError("task.labels: a label is empty; give label words such as [positive, negative]")
+        twice = next((w for i, w in enumerate(words) if w in words[:i]), None)
+        if twice is not None:
+            raise ValueError(f"task.labels: {twice!r} is listed twice")
+        if len(words) < 2:
+            raise ValueError(f"task.labels: classification needs at least 2 labels, got {len(words)} ({', '.join(words) or 'none'})")
+        return self
+
 
 class FinetuneData(Section):
     """Task records for fine-tuning."""
@@ -272,7 +492,8 @@ class FinetuneData(Section):
     seq_len: int = Field(512, ge=8, description="Longest example in tokens; prompts are truncated to fit, targets never.")
     packing: bool = Field(False, description="Pack several examples per row (no cross-example attention where supported).")
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
+    max_samples: Count | None = Field(None, ge=1, description="Use at most this many records.")
+    encoding_errors: EncodingErrors = Field("strict", description=ENCODING_ERRORS_HELP)
     cache_dir: Path | None = Field(
         None, description="Tokenization cache (default: $LLMKIT_CACHE_DIR, else ~/.cache/llmkit/data).", json_schema_extra=RESUMABLE
     )
@@ -323,6 +544,11 @@ class FinetuneRecipe(Section):
             raise ValueError("model.path is required: the checkpoint to fine-tune")
         if self.model.type is not None:
             raise ValueError("model.type is for pretraining from scratch; fine-tuning starts from model.path")
+        if self.lora.enabled and self.train.optimizer == "muon":
+            raise ValueError(
+                "train.optimizer: muon orthogonalizes whole weight matrices; LoRA adapters are low-rank factors, "
+                "so use train.optimizer: adamw with lora.enabled (or full fine-tuning with muon)"
+            )
         return self
 
 
@@ -351,9 +577,10 @@ class EvalData(Section):
 
     test: SourceList = Field(description="Test sources.")
     text_field: str = Field("text", description="Field holding the text for perplexity.")
+    encoding_errors: EncodingErrors = Field("strict", description=ENCODING_ERRORS_HELP)
     seq_len: int | None = Field(None, ge=2, description="Perplexity window in tokens (default: model's max positions, at most 1024).")
     stride: int | None = Field(None, ge=1, description="Perplexity window stride (default: seq_len // 2); must be < seq_len.")
-    max_samples: int | None = Field(None, ge=1, description="Score at most this many records.")
+    max_samples: Count | None = Field(None, ge=1, description="Score at most this many records.")
     batch_size: int = Field(8, ge=1, description="Windows (perplexity) or prompts (generation) per forward pass.")
 
     @field_validator("test", mode="before")
@@ -390,6 +617,50 @@ class RougeSpec(Section):
     seed: int = Field(1234, description="Bootstrap seed.")
 
 
+class ChoiceFields(Section):
+    """Record fields of a generic multiple-choice layout, by role."""
+
+    context: str | None = Field(None, description="Field with the question or context (default: question, context or query).")
+    choices: str | None = Field(None, description="Field with the list of choices (default: choices).")
+    label: str | None = Field(None, description="Field with the right choice: index, letter or text (default: label or answer).")
+
+
+class ChoiceSpec(Section):
+    """Multiple-choice and cloze scoring (metrics multiple_choice / cloze), as lm-evaluation-harness scores them."""
+
+    layout: ChoiceLayout = Field("auto", description="Record layout; auto = recognised by the record's fields; a fields mapping implies generic.")
+    fields: ChoiceFields | None = Field(None, description="Generic layout: which record fields hold context, choices and label.")
+    num_fewshot: int = Field(0, ge=0, description="Solved examples put before each question.")
+    fewshot_split: SourceList | None = Field(
+        None, description="Where few-shot examples come from (default: data.test itself, leaving each question out of its own prompt)."
+    )
+    fewshot_seed: int | None = Field(1234, description="Seed of the few-shot draw (example i uses seed + i); null = the first num_fewshot (MMLU's dev-split convention).")
+    pair_encoding: Literal["separate", "joint"] = Field(
+        "separate", description="separate = context and choice tokenized apart; joint = lm-eval's encode-together-then-split (no BOS)."
+    )
+    add_bos: bool = Field(True, description="Start each context with the tokenizer's BOS (if it adds one); false = lm-eval's default.")
+    tasks: Literal["per_source", "pooled"] = Field(
+        "per_source", description="Several data.test sources: score each as its own task and macro-average, or pool them as one task."
+    )
+    batch_size: int = Field(8, ge=1, description="Questions (all their choices in one row) or cloze texts per forward pass.")
+    max_length: int | None = Field(None, ge=2, description="Window in tokens (default: the model's); longer contexts are cut from the left and counted.")
+
+    @field_validator("fewshot_split", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return None if value is None else _as_list(value)
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> ChoiceSpec:
+        if self.fields is not None and self.layout not in ("auto", "generic"):
+            raise ValueError(f"choice.fields names generic record fields; it does not apply to choice.layout {self.layout!r}")
+        return self
+
+    def field_names(self) -> dict[str, str]:
+        """The fields mapping as {role: field} for the roles that are set."""
+        return {} if self.fields is None else {k: v for k, v in self.fields.model_dump().items() if v is not None}
+
+
 class EvalRecipe(Section):
     """`llmkit eval`: score checkpoints by perplexity, ROUGE and task metrics."""
 
@@ -398,23 +669,112 @@ class EvalRecipe(Section):
     model: EvalModel
     tokenizer: str | None = Field(None, description="Tokenizer (default: the one saved with each model).")
     data: EvalData
-    metrics: list[Literal["perplexity", "rouge", "accuracy", "exact_match", "bleu"]] = Field(
-        min_length=1, description="Metrics to compute."
+    metrics: list[Literal["perplexity", "rouge", "accuracy", "exact_match", "bleu", "multiple_choice", "cloze"]] = Field(
+        min_length=1, description="Metrics to compute; multiple_choice and cloze score log-likelihoods (see the choice section)."
     )
     task: TaskSpec | None = Field(
         None, description="Prompt format for generation metrics (default: the task in the model's recipe.yaml)."
     )
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     rouge: RougeSpec = Field(default_factory=RougeSpec)
+    choice: ChoiceSpec = Field(default_factory=ChoiceSpec)
+
+    @model_validator(mode="after")
+    def _check_choice_metrics(self) -> EvalRecipe:
+        if "multiple_choice" in self.metrics and "cloze" in self.metrics:
+            raise ValueError("metrics: multiple_choice and cloze read data.test differently; run them as two evals")
+        return self
 
 
-Recipe = Union[TokenizerRecipe, PretrainRecipe, FinetuneRecipe, EvalRecipe]
+# --------------------------------------------------------------------------------------------
+# Scaling-law sweeps
+# --------------------------------------------------------------------------------------------
+
+PositiveCount = Annotated[Count, Field(ge=1)]
+
+
+class ScaleGrid(Section):
+    """The points of a sweep: every size with every token budget, or sizes around each FLOP budget's optimum."""
+
+    sizes: list[PositiveCount] | None = Field(
+        None, description="Model sizes in parameters (as param_convention); each is trained on every grid.tokens budget."
+    )
+    tokens: list[PositiveCount] | None = Field(None, description="Training tokens of each point (its train.max_tokens).")
+    flops: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+        None, description="IsoFLOP budgets C in FLOPs, instead of sizes x tokens: each trains sizes_per_budget sizes on D = C / (6 N)."
+    )
+    sizes_per_budget: int = Field(5, ge=3, description="IsoFLOP: model sizes per budget, log-spaced around its expected optimum.")
+    size_spread: float = Field(4.0, gt=1, description="IsoFLOP: the sizes run from optimum / size_spread to optimum x size_spread.")
+    center_fit: str | None = Field(
+        None, description="IsoFLOP: a fit.json (or sweep directory) whose law places the optimum (default: Epoch AI's Chinchilla refit)."
+    )
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> ScaleGrid:
+        pairs = self.sizes is not None or self.tokens is not None
+        if pairs and self.flops is not None:
+            raise ValueError("give grid.sizes with grid.tokens, or grid.flops, not both")
+        if not pairs and self.flops is None:
+            raise ValueError("give grid.sizes and grid.tokens (every size x every budget), or grid.flops (IsoFLOP budgets)")
+        if pairs and (not self.sizes or not self.tokens):
+            missing = "grid.tokens" if self.sizes else "grid.sizes"
+            raise ValueError(f"{missing} is missing or empty; a sizes x tokens grid needs both lists")
+        for key in ("sizes", "tokens", "flops"):
+            values = getattr(self, key)
+            if values is not None and len(set(values)) != len(values):
+                raise ValueError(f"grid.{key} lists a value twice ({values}); give each once")
+        if self.flops is not None and not self.flops:
+            raise ValueError("grid.flops is empty; give one or more FLOP budgets, e.g. [1e12, 3e12]")
+        return self
+
+
+class ScaleRecipe(Section):
+    """`llmkit scale sweep`: pretraining runs of one base recipe over a grid of sizes and budgets, to fit L(N, D)."""
+
+    stage: Literal["scale"] = Field(description="Recipe kind.")
+    output_dir: Path = Field(description="Sweep directory: recipe.yaml, points/NAME/ (one pretrain run each), sweep.jsonl, sweep.csv.")
+    base: str = Field(description="Pretrain recipe every point starts from: a YAML path or a bundled name (pretrain/tiny).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Changes to the base for every point, by dotted key: {train.micro_batch_size: 4}."
+    )
+    grid: ScaleGrid = Field(description="The points. May grow between runs: finished points are kept.", json_schema_extra=RESUMABLE)
+    param_convention: Literal["total", "non_embedding", "matmul"] = Field(
+        "non_embedding", description="What N counts in the sizes, C = 6 N D and the fit: total, non_embedding (Kaplan) or matmul."
+    )
+    lr_rule: Literal["constant", "inverse_sqrt"] = Field(
+        "constant", description="Learning rate per point: the base's train.lr, or lr x (N_base / N)^0.5 (N_base: the base model's size)."
+    )
+    allow_repeat: bool = Field(
+        False, description="Allow points that need more tokens than data.train holds (it is repeated, epoch after epoch).",
+        json_schema_extra=RESUMABLE,
+    )
+
+
+Recipe = Union[TokenizerRecipe, PretrainRecipe, FinetuneRecipe, EvalRecipe, ScaleRecipe]
 RECIPE_CLASSES: dict[str, type[Section]] = {
     "tokenizer": TokenizerRecipe,
     "pretrain": PretrainRecipe,
     "finetune": FinetuneRecipe,
     "eval": EvalRecipe,
+    "scale": ScaleRecipe,
 }
+COMMANDS = {"tokenizer": "tokenizer train", "scale": "scale sweep"}
+"""The command that runs a recipe kind, where it is not the kind's own name."""
+
+
+def bundled_command_writing(output_dir: str | Path) -> str | None:
+    """The command of the bundled recipe whose output_dir is `output_dir` ("llmkit tokenizer train tokenizer/tiny"
+    for runs/tokenizer-tiny), or None: what to run first when a bundled recipe names a run that is not there yet."""
+    target = Path(output_dir).as_posix().rstrip("/")
+    root = bundled_dir()
+    for name in bundled_names():
+        try:
+            data = yaml.safe_load((root / f"{name}.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and data.get("stage") in RECIPE_CLASSES and str(data.get("output_dir", "")).rstrip("/") == target:
+            return f"llmkit {COMMANDS.get(data['stage'], data['stage'])} {name}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,13 +851,65 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names a key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(f"line {line}: {key}: duplicate key (first at line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate mapping keys; a `<<:` merge may still be overridden."""
+
+    def compose_document(self):
+        """Compose as usual, and remember each mapping's dotted path for duplicate-key messages."""
+        root = super().compose_document()
+        self.mapping_paths: dict[int, tuple[str, ...]] = {}
+
+        def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+            if isinstance(node, yaml.MappingNode):
+                self.mapping_paths[id(node)] = path
+                for key_node, value_node in node.value:
+                    walk(value_node, (*path, str(key_node.value)))
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    walk(item, (*path, str(i)))
+
+        if root is not None:
+            walk(root, ())
+        return root
+
+    def construct_mapping(self, node, deep=False):
+        """The mapping, after checking that no key is written twice (before merges are flattened in)."""
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    dotted = ".".join((*getattr(self, "mapping_paths", {}).get(id(node), ()), str(key)))
+                    raise DuplicateKeyError(dotted, line, first_line[key])
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys (DuplicateKeyError)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split 'a.b.c=value' into (['a', 'b', 'c'], parsed YAML value)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"--set {item!r}: {key.strip()}.{exc.key}: duplicate key") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return key.strip().split("."), value
@@ -516,7 +928,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise RecipeError(f"--set {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
             node = child
         node[keys[-1]] = value
+    _one_budget(data, {tuple(parse_override(item)[0]) for item in overrides})
     return data
+
+
+BUDGET_KEYS = ("max_steps", "max_tokens")
+"""The two ways to give a training budget; a recipe gives one of them."""
+
+
+def _one_budget(data: dict[str, Any], overridden: set[tuple[str, ...]]) -> None:
+    """A --set of train.max_steps or train.max_tokens replaces the other one given in the recipe file.
+
+    Every bundled recipe gives one of them, so `--set train.max_tokens=1e6` alone means "train on a
+    million tokens" instead of being an error; setting both with --set is still an error.
+    """
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return
+    given = [k for k in BUDGET_KEYS if ("train", k) in overridden and train.get(k) is not None]
+    if len(given) == 1:
+        other = next(k for k in BUDGET_KEYS if k != given[0])
+        if ("train", other) not in overridden:
+            train.pop(other, None)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -549,16 +982,41 @@ def _first_model(annotation: Any) -> Any:
     return None
 
 
-def format_validation_error(exc: ValidationError, cls: type[BaseModel], where: str, lines: dict) -> str:
-    """Turn the first pydantic error into one line naming file, line, key and the fix."""
-    err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "HubSource"))))
+def _blamed_override(loc: tuple[str, ...], message: str, overrides: list[str]) -> str | None:
+    """The --set item behind an error at `loc` (the last one wins), or None when the value came from the file.
+
+    An override of the key itself or of a section above it is to blame; a cross-field error of a
+    section ("train.warmup_steps (500) is larger than train.max_steps (100)") blames an override of
+    a key the message names.
+    """
+    for item in reversed(overrides):
+        keys = tuple(item.partition("=")[0].strip().split("."))
+        if loc[: len(keys)] == keys or (keys[: len(loc)] == loc and ".".join(keys) in message):
+            return item
+    return None
+
+
+def format_validation_error(
+    exc: ValidationError, cls: type[BaseModel], where: str, lines: dict, overrides: list[str] | None = None
+) -> str:
+    """Turn the first pydantic error into one line naming file, line (or the --set to blame), key and the fix."""
+    errors = exc.errors()
+    err = errors[0]
+    if err["type"] == "missing":
+        # A misspelt key is both missing and unknown: the unknown one, with its did-you-mean, names the fix.
+        err = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == err["loc"][:-1]), err)
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in SOURCE_TAGS)))
     dotted = ".".join(str(p) for p in loc)
     line = next((lines[tuple(str(p) for p in loc[:n])] for n in range(len(loc), 0, -1) if tuple(str(p) for p in loc[:n]) in lines), None)
     prefix = f"{where}:{line}" if line else where
+    blamed = _blamed_override(tuple(str(p) for p in loc), str(err.get("ctx", {}).get("error", err["msg"])), overrides or [])
+    if blamed is not None:
+        prefix = f"--set {blamed}"  # the value is not on that line of the file: it came from the command line
     kind = err["type"]
     if kind == "extra_forbidden":
-        section = _section_at(cls, loc)
+        # A source mapping's tag (see _source_tag) names its schema; the path to it runs through a list index.
+        tag = next((SOURCE_TAGS[p] for p in err["loc"] if isinstance(p, str) and p in SOURCE_TAGS), None)
+        section = tag or _section_at(cls, loc)
         choices = list(section.model_fields) if section else []
         hint = did_you_mean(loc[-1], choices)
         if not hint and choices:
@@ -585,18 +1043,23 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, st
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc.__class__.__name__}: {exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"{path}:{exc.line}: {exc.key}: duplicate key (first at line {exc.first})") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: invalid YAML at {_yaml_problem(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys, got {type(data).__name__}")
-    return recipe_from_dict(apply_overrides(data, overrides or []), where=str(path), stage=stage, text=text)
+    overrides = list(overrides or [])
+    return recipe_from_dict(apply_overrides(data, overrides), where=str(path), stage=stage, text=text, overrides=overrides)
 
 
-def recipe_from_dict(data: dict[str, Any], where: str = "<recipe>", stage: str | None = None, text: str = "") -> Recipe:
-    """Validate a raw recipe mapping against the schema of its stage."""
+def recipe_from_dict(
+    data: dict[str, Any], where: str = "<recipe>", stage: str | None = None, text: str = "", overrides: list[str] | None = None
+) -> Recipe:
+    """Validate a raw recipe mapping against the schema of its stage; `overrides` are the --set items applied to it."""
     lines = _key_lines(text) if text else {}
     kind = data.get("stage", stage)
     if kind is None:
@@ -604,13 +1067,13 @@ def recipe_from_dict(data: dict[str, Any], where: str = "<recipe>", stage: str |
     if kind not in RECIPE_CLASSES:
         raise RecipeError(f"{where}: stage: {kind!r} is not a stage{did_you_mean(kind, STAGES)}; choose one of {', '.join(STAGES)}")
     if stage is not None and kind != stage:
-        raise RecipeError(f"{where}: this is a {kind} recipe; run it with `llmkit {'tokenizer train' if kind == 'tokenizer' else kind}`")
+        raise RecipeError(f"{where}: this is a {kind} recipe; run it with `llmkit {COMMANDS.get(kind, kind)}`")
     data.setdefault("stage", kind)
     cls = RECIPE_CLASSES[kind]
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, cls, where, lines)) from None
+        raise RecipeError(format_validation_error(exc, cls, where, lines, overrides)) from None
 
 
 def check_model_overrides(model: ModelSpec) -> None:
@@ -644,7 +1107,7 @@ def resumable_keys(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tu
         if (field.json_schema_extra or {}).get("resumable"):
             keys.add((*prefix, name))
         sub = _first_model(field.annotation)
-        if sub is not None and sub is not HubSource:
+        if sub is not None and not issubclass(sub, SOURCE_MODELS):
             keys |= resumable_keys(sub, (*prefix, name))
     return keys
 
@@ -662,12 +1125,16 @@ def schema_reference() -> str:
         for name, field in cls.model_fields.items():
             sub = _first_model(field.annotation)
             key = f"{prefix}{name}"
-            if sub is not None and sub is not HubSource and sub not in seen:
+            if sub is not None and not issubclass(sub, SOURCE_MODELS) and sub not in seen:
                 emit(sub, f"{key}.", seen | {sub})
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             cells = [f"`{key}`", default.replace("|", "\\|"), (field.description or "").replace("|", "\\|")]
             out.append(f"| {' | '.join(cells)} |")
+            if sub is WeightedHubSource:  # the keys a weighted mixture entry adds
+                for entry_key, entry_field in WeightedSource.model_fields.items():
+                    entry_default = "required" if entry_field.is_required() else repr(entry_field.get_default())
+                    out.append(f"| `{key}[].{entry_key}` | {entry_default} | {entry_field.description} |")
         if cls is ModelSpec:
             out.append(f"| `{prefix}<config key>` | | Any other key goes to the transformers config: hidden_size, num_hidden_layers, ... |")
 

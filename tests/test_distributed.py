@@ -109,3 +109,19 @@ def test_sigterm_under_accelerate_launch_then_resume_sees_each_sample_once_per_r
         assert seen[:resumed_at] + seen[-(STEPS - resumed_at):] == _trace(reference_trace, rank)
     a, b = final_weights(out), final_weights(recipe["output_dir"])
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_muon_under_ddp_matches_one_process_and_keeps_the_ranks_in_step(setup, tokenizer_dir):
+    tmp, corpus, recipe, _ = setup
+    muon = dict(recipe, output_dir=str(tmp / "muon-two"), train={**recipe["train"], "max_steps": 10, "optimizer": "muon"})
+    result = subprocess.run(_launch_cmd(write_recipe(tmp / "muon-two.yaml", muon)), env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = dict(muon, output_dir=str(tmp / "muon-one"), train={**muon["train"], "grad_accum_steps": 2})
+    run_in_process(single)
+    # Every process orthogonalizes the same averaged gradient: the same steps as one process
+    # accumulating both micro-batches.
+    two = [e["loss"] for e in read_events(muon["output_dir"], "train")]
+    one = [e["loss"] for e in read_events(single["output_dir"], "train")]
+    assert len(two) == len(one) == 10 and two[-1] < two[0]
+    for step, (a, b) in enumerate(zip(two, one, strict=True), start=1):
+        assert math.isclose(a, b, rel_tol=2e-4), f"step {step}: {a} (2 processes) vs {b} (1 process)"

@@ -173,6 +173,11 @@ def test_lora_trains_only_adapters_and_merged_equals_base_plus_adapter(tmp_path,
         )
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-4)
+    # The last checkpoint (adapter weights only) loads as the same merged model, rebuilt from the run's recipe.
+    from llmkit.models import load_model
+
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(checkpoint), device="cpu")[0](input_ids=ids).logits, got, atol=1e-5, rtol=1e-5)
     # The task loss falls: base vs merged model on the same tokenized training examples (LoRA on a
     # random base learns slowly, so compare deterministically rather than noisy batch losses).
     from transformers import AutoTokenizer

@@ -88,8 +88,9 @@ def test_cli_greedy_matches_the_library_streaming_or_not(tiny_model_dir, tiny):
 
 
 def test_cli_reads_prompts_from_stdin_and_file(tmp_path, tiny_model_dir):
+    # One prompt per line only when asked: by default the whole text is one (multi-line) prompt.
     result = runner.invoke(
-        app, ["generate", str(tiny_model_dir), "--max-new-tokens", "3", "-n", "2"], input="one\n\ntwo\n"
+        app, ["generate", str(tiny_model_dir), "--max-new-tokens", "3", "-n", "2", "--one-per-line"], input="one\n\ntwo\n"
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("### prompt") == 4 and "### prompt 2, sample 2" in result.stdout
@@ -107,6 +108,7 @@ def test_cli_reads_prompts_from_stdin_and_file(tmp_path, tiny_model_dir):
             "--max-new-tokens",
             "3",
             "--no-stream",
+            "--one-per-line",
         ],
     )
     assert result.exit_code == 0, result.output

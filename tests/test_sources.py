@@ -259,6 +259,7 @@ def test_hub_source_streams_with_a_sample_cap(monkeypatch):
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("llmkit.data.sources.hub_host_resolves", lambda: True)  # as if online: no DNS here
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     source = {"hub": "someone/corpus", "name": "en", "split": "validation", "max_samples": 3}
     assert list(iter_texts([source, "hub:other/set"], max_samples=5)) == ["row 0", "row 1", "row 2", "row 0", "row 1"]
@@ -274,6 +275,7 @@ def test_hub_load_failure_is_one_line(monkeypatch):
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("llmkit.data.sources.hub_host_resolves", lambda: True)  # as if online: no DNS here
     monkeypatch.setattr(datasets, "load_dataset", missing)
     message = _error("hub:nobody/nothing")
     assert "hub:nobody/nothing: cannot load the dataset (FileNotFoundError" in message

@@ -58,6 +58,12 @@ class TrainData:
                      position is saved in checkpoints so that resume continues where it stopped.
     description:     one line for the log, e.g. "12,345 blocks of 128 tokens (1.58M tokens)".
     extra:           free-form facts recorded in summary.json (e.g. packing counts).
+    validation_parts: optional named slices (label, start, end) of `validation`, each also reported
+                     on its own as val_loss/LABEL (e.g. one per source of a mixture); validation
+                     batches never cross a part boundary.
+    report:          optional `report(examples consumed, stream position) -> {label: {...}}`: what
+                     the first N global training examples held (a mixture's realised share of each
+                     source); logged as a "mixture" event at the end and kept in summary.json.
     """
 
     train: Sequence[Example] | None
@@ -68,6 +74,8 @@ class TrainData:
     stream: Stream | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    validation_parts: list[tuple[str, int, int]] | None = None
+    report: Callable[[int, Position | None], dict[str, Any]] | None = None
 
 
 def shuffled_batch_order(num_examples: int) -> BatchOrder:

@@ -6,6 +6,9 @@
   module (records {"title", "text"}), for pretraining.
 - `builtin:docsum[/SPLIT]`: one record per standard-library docstring, {"id", "document" (the body),
   "summary" (its first line)}, for summarization.
+- `builtin:docsum-choice[/SPLIT]`: the same docstrings as 4-way multiple-choice questions, {"id",
+  "context" ("{document}\n\nSummary:"), "choices" (the real summary and three other records'), "label"},
+  for `llmkit eval` with metrics [multiple_choice] (see `docsum_choice_records`).
 
 SPLIT is train, validation or test: a fixed ~90/5/5 split by a hash of each record's id.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import random
 import re
 import sysconfig
 import warnings
@@ -26,7 +30,7 @@ from llmkit.errors import DataError, did_you_mean
 SPLITS = ("train", "validation", "test")
 
 
-BUILTIN_NAMES = ("pydoc", "docsum")
+BUILTIN_NAMES = ("pydoc", "docsum", "docsum-choice")
 
 
 BUILTIN_LAYOUT = 1
@@ -39,7 +43,7 @@ def parse_builtin(source: str) -> tuple[str, str | None]:
     name, _, split = spec.partition("/")
     if name not in BUILTIN_NAMES:
         raise DataError(
-            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc or builtin:docsum"
+            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc, builtin:docsum or builtin:docsum-choice"
         )
     if split and split not in SPLITS:
         raise DataError(f"{source}: unknown split {split!r}{did_you_mean(split, SPLITS)}; choose one of {', '.join(SPLITS)}")
@@ -48,7 +52,7 @@ def parse_builtin(source: str) -> tuple[str, str | None]:
 
 def read_builtin(source: str) -> Iterator[tuple[str, dict]]:
     name, split = parse_builtin(source)
-    records = pydoc_records() if name == "pydoc" else docsum_records()
+    records = {"pydoc": pydoc_records, "docsum": docsum_records, "docsum-choice": docsum_choice_records}[name]()
     for index, (record_split, record) in enumerate(records):
         if split is None or record_split == split:
             yield f"builtin:{name} record {index}", dict(record)  # a copy: callers may mutate records
@@ -195,3 +199,58 @@ def docsum_records() -> tuple[tuple[str, dict], ...]:
             seen.add(pair)
             records.append({"id": ident, "document": pair[1], "summary": pair[0]})
     return tuple((split_of(r["id"]), r) for r in records)
+
+
+DOCSUM_CHOICE_TEMPLATE = "{document}\n\nSummary:"
+DOCSUM_CHOICE_DOCUMENT_CHARS = 600
+
+
+def shorten(text: str, max_chars: int) -> str:
+    """`text` cut to at most max_chars at the last whitespace before the limit (whole words only)."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[: max_chars + 1]  # a space right after the limit still ends a whole word
+    boundary = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
+    return (cut[:boundary] if boundary > 0 else text[:max_chars]).rstrip()
+
+
+def docsum_choice_split(
+    split: str, num_choices: int = 4, seed: int = 0, document_chars: int = DOCSUM_CHOICE_DOCUMENT_CHARS
+) -> list[dict]:
+    """Multiple-choice records of one builtin:docsum split: pick a docstring's summary among num_choices.
+
+    Context "{document}\n\nSummary:" (the document cut to document_chars at a word boundary, so CPU
+    scoring stays fast); choices: the record's summary and num_choices - 1 other summaries of the same
+    split. Distractors and the answer's position come from random.Random(f"{seed}/{record id}"), so the
+    questions are the same in every run on the same Python version (the stdlib is the corpus).
+    """
+    if split not in SPLITS:
+        raise DataError(f"builtin:docsum has splits {', '.join(SPLITS)}, not {split!r}")
+    if num_choices < 2:
+        raise DataError(f"num_choices ({num_choices}) must be at least 2")
+    records = [r for s, r in docsum_records() if s == split]
+    summaries = sorted({r["summary"] for r in records})  # distinct, in an order that does not depend on the walk
+    if len(summaries) < num_choices:
+        raise DataError(
+            f"builtin:docsum/{split} has {len(summaries)} distinct summaries, fewer than num_choices ({num_choices})"
+        )
+    out = []
+    for record in records:
+        rng = random.Random(f"{seed}/{record['id']}")
+        right = record["summary"]
+        # num_choices draws always hold num_choices - 1 that differ from the right summary.
+        distractors = [s for s in rng.sample(summaries, num_choices) if s != right][: num_choices - 1]
+        label = rng.randrange(num_choices)
+        out.append({
+            "id": record["id"],
+            "context": DOCSUM_CHOICE_TEMPLATE.format(document=shorten(record["document"], document_chars)),
+            "choices": distractors[:label] + [right] + distractors[label:],
+            "label": label,
+        })  # fmt: skip
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def docsum_choice_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:docsum-choice as (split, {"id", "context", "choices", "label"}): 4 choices, seed 0, every split."""
+    return tuple((split, r) for split in SPLITS for r in docsum_choice_split(split))

@@ -13,7 +13,11 @@ trained on.
 
 Under a multi-process launch the local main process builds a missing entry; the others wait by
 polling the file system (no collective, so a long tokenization never hits a distributed timeout).
-A main process that fails leaves a FAILED marker that stops them too.
+A main process that fails leaves a FAILED marker that stops them too. Only a marker written after a
+process started counts for it, so the marker of an earlier, interrupted launch never stops the next
+one; a single process writes none (nobody waits for it). An entry is built in a temporary directory
+named after its builder (`llmkit.rundir.temp_path`); those of killed builders are removed by the
+next build in the same cache.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmkit import dist
-from llmkit.errors import DataError
+from llmkit import dist, rundir
+from llmkit.errors import DataError, LlmkitError, disk_error
 
 MARKER = "COMPLETE"
 FAILED = "FAILED"
@@ -91,7 +95,7 @@ def _publish(tmp: Path, entry: Path, meta: dict[str, Any]) -> None:
     (tmp / MARKER).write_text("ok\n", encoding="utf-8")
     if entry.exists():
         # A damaged entry is moved aside first; removing it in place could race a reader.
-        stale = entry.with_name(f".stale-{entry.name}-{os.getpid()}")
+        stale = rundir.temp_path(entry.parent, f"{entry.name}.stale")
         entry.rename(stale)
         shutil.rmtree(stale, ignore_errors=True)
     try:
@@ -114,31 +118,50 @@ def build_once(
     `build` writes its files into the fresh directory it is given and returns JSON-able metadata; it
     raises to abandon the entry (nothing is published). Only the main process builds.
     """
-    entry = Path(root) / name
+    root = Path(root)
+    entry = root / name
     meta = read_meta(entry)
     if meta is not None:
         return entry, meta, True
-    failed = Path(root) / f"{name}.{FAILED}"
+    failed = root / f"{name}.{FAILED}"
+    started = dist.process_started()
     if not (dist.is_local_main() if main_process is None else main_process):
         while (meta := read_meta(entry)) is None:
-            if failed.is_file():
+            if _mtime(failed) >= started:
                 raise DataError(f"data: the main process failed to build the cache {entry}; see its error")
             time.sleep(poll_s)
         return entry, meta, False
+    fix = "set data.cache_dir or LLMKIT_CACHE_DIR to a writable directory with free space"
     try:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        failed.unlink(missing_ok=True)
+        created = rundir.make_dirs(root)
+        if _mtime(failed) < started:
+            failed.unlink(missing_ok=True)  # an earlier launch's; a newer one belongs to a process of this launch
+        tmp = rundir.temp_path(root, name)
+        tmp.mkdir()
     except OSError as exc:
-        raise DataError(f"data.cache_dir: cannot write the tokenization cache at {root} ({exc.strerror or exc}); "
-                        "set data.cache_dir or LLMKIT_CACHE_DIR to a writable directory") from None
-    tmp = Path(root) / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+        raise (disk_error(exc, root, "tokenization cache", fix) or exc) from None
     try:
         meta = build(tmp)
         _publish(tmp, entry, meta)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        failed.write_text("failed\n", encoding="utf-8")
+        if dist.world_size() > 1:
+            # Only the processes of this launch waiting for the entry need to hear of the failure.
+            try:
+                failed.write_text("failed\n", encoding="utf-8")
+            except OSError:
+                pass
+        rundir.remove_if_empty(created)  # a cache directory made for nothing goes again
+        error = None if isinstance(exc, LlmkitError) or not isinstance(exc, Exception) else disk_error(exc, root, "tokenization cache", fix)
+        if error is not None:
+            raise error from None
         raise
     return entry, read_meta(entry) or meta, False
+
+
+def _mtime(path: Path) -> float:
+    """Modification time of `path`, -inf when it does not exist."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("-inf")

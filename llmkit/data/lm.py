@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from llmkit import dist
-from llmkit.data import sources
+from llmkit.data import mixture, sources
 from llmkit.data.batches import TrainData, shuffled_batch_order
 from llmkit.data.cache import build_once, cache_root, entry_name, tokenizer_fingerprint
-from llmkit.data.packing import PackedBlocks, PackStats, block_positions, collate_blocks
+from llmkit.data.packing import ConcatBlocks, PackedBlocks, PackStats, block_positions, collate_blocks
 from llmkit.data.splits import held_out
 from llmkit.errors import DataError, RecipeError
 
@@ -96,7 +96,9 @@ def stream_blocks(recipe, tokenizer):
             # (doc index, offset) of the token at buffer[0], to name the position after each block
             head_doc, head_offset = doc, offset
             lengths: list[int] = []
-            texts = sources.iter_texts(data.train, text_field=data.text_field, max_samples=data.max_samples)
+            texts = sources.iter_texts(
+                data.train, text_field=data.text_field, max_samples=data.max_samples, encoding_errors=data.encoding_errors
+            )
             produced = False
             skip = doc
             for batch in _batched(texts, ENCODE_BATCH):
@@ -155,6 +157,8 @@ def lm_train_data(recipe, tokenizer, world_size: int | None = None):
     positions = data.doc_masking != "none"
     collate = collate_blocks(data.doc_masking)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if data.is_mixture:
+        return mixture_train_data(recipe, tokenizer, world_size, positions, collate, pad_id)
     if data.streaming:
         check_lm_data(recipe)
         validation = None
@@ -197,7 +201,8 @@ def _memory_blocks(recipe, tokenizer, source_list, positions: bool, pad_id: int)
     encoder = DocumentEncoder(tokenizer)
     flat: list[int] = []
     starts: list[int] = []
-    for batch in _batched(sources.iter_texts(source_list, text_field=recipe.data.text_field), ENCODE_BATCH):
+    texts = sources.iter_texts(source_list, text_field=recipe.data.text_field, encoding_errors=recipe.data.encoding_errors)
+    for batch in _batched(texts, ENCODE_BATCH):
         for ids in encoder.encode(batch):
             starts.append(len(flat))
             flat.extend(ids)
@@ -295,8 +300,12 @@ def cache_key(recipe, tokenizer) -> str:
     data = recipe.data
     return entry_name("lm", {
         "version": CACHE_VERSION,
-        "train": sources.fingerprint(data.train, text_field=data.text_field, max_samples=data.max_samples),
-        "validation": sources.fingerprint(data.validation, text_field=data.text_field) if data.validation else None,
+        "train": sources.fingerprint(
+            data.train, text_field=data.text_field, max_samples=data.max_samples, **sources.decoding_settings(data.encoding_errors)
+        ),
+        "validation": sources.fingerprint(
+            data.validation, text_field=data.text_field, **sources.decoding_settings(data.encoding_errors)
+        ) if data.validation else None,
         "validation_fraction": data.validation_fraction if not data.validation else 0.0,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     })
@@ -313,7 +322,9 @@ def _build(recipe, tokenizer, target: Path) -> dict:
     validation = TokenWriter(target, "validation", dtype)
     held = data.validation_fraction if not data.validation else 0.0
     index = 0
-    texts = sources.iter_texts(data.train, text_field=data.text_field, max_samples=data.max_samples)
+    texts = sources.iter_texts(
+        data.train, text_field=data.text_field, max_samples=data.max_samples, encoding_errors=data.encoding_errors
+    )
     for batch in _batched(texts, ENCODE_BATCH):
         docs = encoder.encode(batch)
         if held:
@@ -324,7 +335,8 @@ def _build(recipe, tokenizer, target: Path) -> dict:
             train.add(docs)
         index += len(docs)
     if data.validation:
-        for batch in _batched(sources.iter_texts(data.validation, text_field=data.text_field), ENCODE_BATCH):
+        held_texts = sources.iter_texts(data.validation, text_field=data.text_field, encoding_errors=data.encoding_errors)
+        for batch in _batched(held_texts, ENCODE_BATCH):
             validation.add(encoder.encode(batch))
     train.close()
     validation.close()
@@ -375,3 +387,97 @@ def open_cache(path: Path, split: str):
     tokens = np.memmap(path / f"{split}.tokens.bin", dtype=dtype, mode="r")
     docs = np.fromfile(path / f"{split}.docs.bin", dtype=np.int64)
     return tokens, docs
+
+
+# ----------------------------------------------------------------------------------------------
+# Weighted mixtures (llmkit/data/mixture.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_data(recipe, **data_fields):
+    """The recipe with some data.* fields replaced: how one source of a mixture is cached or streamed alone."""
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update=data_fields)})
+
+
+def _validation_set(parts: list[tuple[str, PackedBlocks]]):
+    """(validation dataset, validation_parts) over named validation block sets; (None, None) for none."""
+    if not parts:
+        return None, None
+    ranges, start = [], 0
+    for label, blocks in parts:
+        ranges.append((label, start, start + len(blocks)))
+        start += len(blocks)
+    return ConcatBlocks([blocks for _, blocks in parts]), ranges
+
+
+def mixture_train_data(recipe, tokenizer, world_size: int, positions: bool, collate, pad_id: int) -> TrainData:
+    """The TrainData of a weighted data.train: each source cached (or streamed) on its own, sampled by its share.
+
+    Validation: a source's own `validation` sources, else (without data.validation) its held-out
+    data.validation_fraction, reported as val_loss/LABEL; data.validation counts in val_loss only.
+    """
+    data, cfg = recipe.data, recipe.train
+    mix = mixture.mixture_of(data)
+    check_lm_data(recipe)
+    for extra in mix.validation:
+        if extra:
+            sources.check_sources(extra)
+    held = data.validation_fraction if not data.validation else 0.0
+    shares = ", ".join(f"{label} {share:.0%}" for label, share in zip(mix.labels, mix.shares, strict=True))
+    val_parts: list[tuple[str, PackedBlocks]] = []
+    if data.streaming:
+        streams = [stream_blocks(_with_data(recipe, train=[source], validation=None), tokenizer) for source in mix.sources]
+        for label, extra in zip(mix.labels, mix.validation, strict=True):
+            if extra:
+                val_parts.append((label, _memory_blocks(recipe, tokenizer, extra, positions, pad_id)))
+        if data.validation:
+            val_parts.append(("", _memory_blocks(recipe, tokenizer, data.validation, positions, pad_id)))
+        validation, ranges = _validation_set(val_parts)
+        return TrainData(
+            train=None, stream=mixture.interleave(streams, mix, cfg.seed, data.mixture_repeat), collate_fn=collate,
+            validation=validation, validation_parts=ranges, report=mixture.stream_report(mix, cfg.seed, data.seq_len),
+            description=f"streaming a mixture of {len(mix.labels)} sources ({shares}) in {data.seq_len}-token blocks",
+            extra={"mixture_weights": dict(zip(mix.labels, mix.shares, strict=True))},
+        )
+
+    blocks, stats, entries = [], [], []
+    for index, (label, source, extra) in enumerate(zip(mix.labels, mix.sources, mix.validation, strict=True)):
+        path = prepare_cache(_with_data(recipe, train=[source], validation=extra, validation_fraction=0.0 if extra else held), tokenizer)
+        tokens, docs = open_cache(path, "train")
+        part = PackedBlocks(tokens, docs, data.seq_len, positions=positions)
+        stats.append(part.stats())
+        dist.log(f"data: {stats[-1].line(label)}")
+        if len(part) == 0:
+            raise DataError(f"data.train.{index} ({label}): {stats[-1].tokens:,} tokens, not one block of data.seq_len {data.seq_len}; add text to it or remove it")
+        blocks.append(part)
+        entries.append(str(path))
+        val_tokens, val_docs = open_cache(path, "validation")
+        if len(val_tokens):
+            val_parts.append((label, PackedBlocks(val_tokens, val_docs, data.seq_len, positions=positions, keep_partial=True, pad_id=pad_id)))
+    if data.validation:
+        # Cached like a one-source corpus; its "train" split is the validation text.
+        path = prepare_cache(_with_data(recipe, train=list(data.validation), validation=None, validation_fraction=0.0), tokenizer)
+        tokens, docs = open_cache(path, "train")
+        val_parts.append(("", PackedBlocks(tokens, docs, data.seq_len, positions=positions, keep_partial=True, pad_id=pad_id)))
+    elif held and not val_parts:
+        raise DataError("data.validation_fraction: no validation text was held out of any source; raise it or give data.validation")
+    for label, part in val_parts:
+        dist.log("data: " + part.stats().line(f"validation ({label or 'data.validation'})"))
+
+    order = mixture.MixtureOrder([len(b) for b in blocks], mix.shares)
+    total = PackStats(sum(s.documents for s in stats), sum(s.tokens for s in stats), data.seq_len, order.epoch_size, sum(s.dropped_tokens for s in stats))
+    check_blocks(total, recipe, world_size)
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world_size  # blocks per optimizer step, all processes
+    per_epoch = order.epoch_size // per_step * per_step  # blocks of a mixture epoch that fill whole steps
+    report = mixture.cached_report(mix, order, cfg.seed, data.seq_len, per_epoch)
+    planned = report(cfg.planned_steps(data.seq_len, world_size) * per_step)
+    for line in mixture.report_lines(planned, "plans"):
+        dist.log(line)
+    mixture.check_repeats(planned, data.mixture_repeat)
+    validation, ranges = _validation_set(val_parts)
+    return TrainData(
+        train=ConcatBlocks(blocks), collate_fn=collate, batch_order=order, validation=validation, validation_parts=ranges,
+        report=report,
+        description=f"mixture of {len(mix.labels)} sources ({shares}): {order.epoch_size:,} blocks of {data.seq_len} tokens per mixture epoch",
+        extra={"pack_stats": {label: asdict(st) for label, st in zip(mix.labels, stats, strict=True)}, "cache": entries, "mixture_plan": planned},
+    )

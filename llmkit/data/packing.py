@@ -100,6 +100,27 @@ class PackedBlocks(Sequence):
         return example
 
 
+class ConcatBlocks(Sequence):
+    """Several block datasets as one map-style dataset: part k's blocks follow part k-1's (a mixture's sources)."""
+
+    def __init__(self, parts: Sequence[Sequence]) -> None:
+        self.parts = list(parts)
+        self.offsets = [0]
+        for part in self.parts:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import bisect
+
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        k = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[k][index - self.offsets[k]]
+
+
 def block_positions(doc_starts, start: int, seq_len: int):
     """Position ids of the block starting at `start`: 0 at the block start and at every document start."""
     import numpy as np

@@ -2,9 +2,10 @@
 
     llmkit data inspect finetune/tiny-summarization
 
-Formatting. Four tasks, each a small formatter. Training, evaluation and `llmkit generate` all go
-through `format_record` and `prompt_token_ids`, so an eval or generation prompt is token for token
-the prompt the model was trained on.
+Formatting. Four tasks, each a small formatter. Training and evaluation go through `format_record`,
+`llmkit generate` through `format_prompt` (the same template rendering, with no target), and all
+of them through `prompt_token_ids`, so an eval or generation prompt is token for token the prompt
+the model was trained on.
 
 - summarization: `prompt_template` with {field} placeholders (default: the record's {document});
   target = the `summary` field. When the prompt is too long, the longest field in it is shortened
@@ -34,12 +35,13 @@ import json
 import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from llmkit.data.batches import TrainData, grouped_batch_order, shuffled_batch_order
 from llmkit.data.cache import build_once, cache_root, entry_name, tokenizer_fingerprint
 from llmkit.data.packing import IGNORE_INDEX, pack_examples, packed_collate, padded_collate
-from llmkit.data.sources import fingerprint, iter_located_records
+from llmkit.data.sources import decoding_settings, fingerprint, iter_located_records
 from llmkit.data.splits import held_out_indices
 from llmkit.errors import DataError, ModelError, RecipeError, did_you_mean
 from llmkit.recipes import FinetuneRecipe, TaskSpec
@@ -217,6 +219,17 @@ def format_record(
         return Formatted(prompt="", target=str(record[task.target_field]))
     if task.type == "instruction" and task.messages_field in record:
         return _format_chat(record[task.messages_field], tokenizer, max_prompt_tokens)
+    target = (
+        str(record[task.target_field]).strip()
+        if task.type == "classification"
+        else str(record[task.target_field])
+    )
+    prompt, cut = _render_prompt(task, record, tokenizer, max_prompt_tokens)
+    return Formatted(prompt, target, cut)
+
+
+def _render_prompt(task: TaskSpec, record: dict, tokenizer, max_prompt_tokens: int | None) -> tuple[str, int]:
+    """The template filled from the record (through the chat template for instructions), fitted to the budget."""
     values = {name: str(record[name]) for name in template_fields(task.prompt_template)}
     if "labels" in {f for _, f, _, _ in string.Formatter().parse(task.prompt_template) if f}:
         if not task.labels:
@@ -224,11 +237,6 @@ def format_record(
                 "task.labels: the prompt template uses {labels} but no label set is known; list the labels"
             )
         values["labels"] = ", ".join(task.labels)
-    target = (
-        str(record[task.target_field]).strip()
-        if task.type == "classification"
-        else str(record[task.target_field])
-    )
     if task.type == "instruction":
         ensure_chat_template(tokenizer)
 
@@ -236,16 +244,44 @@ def format_record(
             user = task.prompt_template.format(**vals)
             return render_chat(tokenizer, [{"role": "user", "content": user}])
 
-        prompt, cut = _fit(render, values, tokenizer, max_prompt_tokens, skip={"labels"})
-        return Formatted(prompt, target, cut)
-    prompt, cut = _fit(
+        return _fit(render, values, tokenizer, max_prompt_tokens, skip={"labels"})
+    return _fit(
         lambda vals: task.prompt_template.format(**vals),
         values,
         tokenizer,
         max_prompt_tokens,
         skip={"labels"},
     )
-    return Formatted(prompt, target, cut)
+
+
+def format_prompt(
+    task: TaskSpec, value: str | dict, tokenizer, max_prompt_tokens: int | None = None, where: str = "prompt"
+) -> str:
+    """The prompt a model fine-tuned on `task` was trained with, for a user's text at generation time.
+
+    A plain text fills the template's one field ({document} for summarization: the text to
+    summarize); a template that names several fields needs a record holding them. There is no
+    target, so nothing else about the record is checked. The text task has no template: the text
+    is the prompt.
+    """
+    task = task_defaults(task)
+    if task.type == "text":
+        return value if isinstance(value, str) else str(value.get(task.text_field, ""))
+    fields = template_fields(task.prompt_template)
+    if isinstance(value, str):
+        if len(fields) != 1:
+            raise DataError(
+                f"{where}: the fine-tune's prompt template names {len(fields)} fields ({', '.join(fields) or 'none'}), "
+                "so a plain prompt cannot fill it; give a .jsonl file of records with those fields, or pass --raw"
+            )
+        value = {fields[0]: value}
+    missing = [f for f in fields if f not in value]
+    if missing:
+        raise DataError(
+            f"{where}: record lacks field '{missing[0]}' of the fine-tune's prompt template "
+            f"(it names {', '.join(fields)}); add it, or pass --raw"
+        )
+    return _render_prompt(task, value, tokenizer, max_prompt_tokens)[0]
 
 
 def _format_chat(messages: list[dict], tokenizer, max_prompt_tokens: int | None) -> Formatted:
@@ -272,11 +308,30 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     the template's is removed here so that every prompt is encoded one way,
     `tokenizer(prompt)` with special tokens, and carries exactly one BOS.
     """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # the template is code from the model directory: jinja2 errors, or its own raise_exception
+        where = f" at line {exc.lineno}" if isinstance(getattr(exc, "lineno", None), int) else ""
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"{chat_template_source(tokenizer)}: the chat template fails{where} ({type(exc).__name__}: {reason}); "
+            "fix the template"
+        ) from None
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
         text = text[len(bos) :]
     return text
+
+
+def chat_template_source(tokenizer) -> str:
+    """Where a tokenizer's chat template came from, for error messages: a file of its directory, or llmkit's default."""
+    if getattr(tokenizer, "chat_template", None) == DEFAULT_CHAT_TEMPLATE:
+        return "llmkit's default chat template (llmkit/data/sft.py)"
+    directory = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            return str(directory / name)
+    return f"the chat template of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -372,17 +427,17 @@ CACHE_LAYOUT = 2
 """Bump when the tokenized-example format changes, so old caches are not reused (2: the shared cache)."""
 
 
-def load_located_records(sources, max_samples: int | None = None) -> list[tuple[str, dict]]:
+def load_located_records(sources, max_samples: int | None = None, encoding_errors: str = "strict") -> list[tuple[str, dict]]:
     """(where, record) pairs from data sources; `where` is file:line for local files, for error messages."""
-    return list(iter_located_records(sources, max_samples=max_samples))
+    return list(iter_located_records(sources, max_samples=max_samples, encoding_errors=encoding_errors))
 
 
 def split_records(recipe: FinetuneRecipe) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
     """Train and validation records: data.validation, or a held-out data.validation_fraction of train (llmkit/data/splits.py)."""
     data = recipe.data
-    train = load_located_records(data.train, data.max_samples)
+    train = load_located_records(data.train, data.max_samples, data.encoding_errors)
     if data.validation:
-        return train, load_located_records(data.validation, data.max_samples)
+        return train, load_located_records(data.validation, data.max_samples, data.encoding_errors)
     if data.validation_fraction <= 0:
         return train, []
     held = held_out_indices(len(train), data.validation_fraction, recipe.train.seed)
@@ -538,7 +593,7 @@ def cache_key(recipe: FinetuneRecipe, tokenizer) -> str:
     data = recipe.data
     return entry_name("sft", {
         "layout": CACHE_LAYOUT,
-        "sources": fingerprint([*data.train, *(data.validation or [])]),
+        "sources": fingerprint([*data.train, *(data.validation or [])], **decoding_settings(data.encoding_errors)),
         "task": recipe.task.model_dump(mode="json"),
         "seq_len": data.seq_len,
         "max_samples": data.max_samples,

@@ -8,8 +8,9 @@ A recipe's `data.train` / `data.validation` / `data.test` is a list of sources:
   `.txt` files are one document each (files over ~1 MB are cut into ~1 MB newline-aligned
   documents), `.jsonl` / `.json` / `.csv` / `.tsv` / `.parquet` rows are records; `.gz`, `.bz2` and
   `.xz` compressed text formats are read transparently;
-- `builtin:pydoc[/SPLIT]` and `builtin:docsum[/SPLIT]`, demo corpora built from text that ships with
-  Python (see llmkit/data/builtin.py); SPLIT is train, validation or test;
+- `builtin:pydoc[/SPLIT]`, `builtin:docsum[/SPLIT]` and `builtin:docsum-choice[/SPLIT]`, demo corpora
+  (and a multiple-choice task) built from text that ships with Python (see llmkit/data/builtin.py);
+  SPLIT is train, validation or test;
 - `hub:ID` or a HubSource mapping `{hub: ID, name: CONFIG, split: train, max_samples: N}`,
   streamed with `datasets.load_dataset(..., streaming=True)`.
 
@@ -37,7 +38,7 @@ from typing import Any
 
 from llmkit.data.builtin import BUILTIN_LAYOUT, parse_builtin, read_builtin
 from llmkit.errors import DataError, did_you_mean
-from llmkit.recipes import HubSource
+from llmkit.recipes import HubSource, WeightedSource
 
 SourceLike = str | Path | HubSource | dict
 Sources = SourceLike | Iterable[SourceLike]
@@ -64,16 +65,22 @@ SUPPORTED_HINT = ".txt, .jsonl, .json, .csv, .tsv, .parquet (text formats may be
 # --------------------------------------------------------------------------------------------
 
 
-def iter_records(sources: Sources, max_samples: int | None = None) -> Iterator[dict]:
+def iter_records(sources: Sources, max_samples: int | None = None, encoding_errors: str = "strict") -> Iterator[dict]:
     """Stream the records of all sources in order, at most `max_samples` of them."""
-    for _, record in iter_located_records(sources, max_samples):
+    for _, record in iter_located_records(sources, max_samples, encoding_errors):
         yield record
 
 
-def iter_located_records(sources: Sources, max_samples: int | None = None) -> Iterator[tuple[str, dict]]:
-    """Stream (where, record) pairs; `where` names the file and line (or row, item, part) for error messages."""
+def iter_located_records(
+    sources: Sources, max_samples: int | None = None, encoding_errors: str = "strict"
+) -> Iterator[tuple[str, dict]]:
+    """Stream (where, record) pairs; `where` names the file and line (or row, item, part) for error messages.
+
+    `encoding_errors` (data.encoding_errors) says what bytes that are not UTF-8 do: strict = DataError
+    naming the file, byte offset and line; replace = read as U+FFFD; skip = dropped.
+    """
     count = 0
-    for where, record in _iter_located(_normalise(sources)):
+    for where, record in _iter_located(_normalise(sources), errors=encoding_errors):
         count += 1
         yield where, record
         if max_samples is not None and count >= max_samples:
@@ -82,10 +89,12 @@ def iter_located_records(sources: Sources, max_samples: int | None = None) -> It
         raise DataError(f"{source_names(sources)}: the sources hold no records; check the files are not empty")
 
 
-def iter_texts(sources: Sources, text_field: str = "text", max_samples: int | None = None) -> Iterator[str]:
-    """Stream the non-empty `text_field` strings of all sources, at most `max_samples` of them."""
+def iter_texts(
+    sources: Sources, text_field: str = "text", max_samples: int | None = None, encoding_errors: str = "strict"
+) -> Iterator[str]:
+    """Stream the non-empty `text_field` strings of all sources, at most `max_samples` of them (see iter_located_records)."""
     count = 0
-    for where, record in _iter_located(_normalise(sources), columns=[text_field]):
+    for where, record in _iter_located(_normalise(sources), columns=[text_field], errors=encoding_errors):
         text = _field(record, text_field, where)
         if text is None or not text.strip():
             continue  # empty rows carry nothing to learn from; a corpus of only empty rows fails below
@@ -104,6 +113,11 @@ def check_sources(sources: Sources) -> None:
             parse_builtin(source)
         elif isinstance(source, str) and not source.startswith("hub:"):
             _expand(source)
+
+
+def decoding_settings(encoding_errors: str) -> dict[str, str]:
+    """The fingerprint setting for data.encoding_errors: nothing for strict, so existing cache keys stay valid."""
+    return {} if encoding_errors == "strict" else {"encoding_errors": encoding_errors}
 
 
 def fingerprint(sources: Sources, **settings: Any) -> str:
@@ -158,7 +172,11 @@ def _normalise(sources: Sources) -> list[str | HubSource]:
         sources = [sources]
     out: list[str | HubSource] = []
     for source in sources:
-        if isinstance(source, Path):
+        if isinstance(source, WeightedSource):
+            out.append(source.path)  # a mixture entry reads like its path; lm.py handles the weights
+        elif type(source) is not HubSource and isinstance(source, HubSource):
+            out.append(HubSource(**source.model_dump(include=set(HubSource.model_fields))))
+        elif isinstance(source, Path):
             out.append(str(source))
         elif isinstance(source, dict):
             try:
@@ -175,7 +193,9 @@ def _normalise(sources: Sources) -> list[str | HubSource]:
     return out
 
 
-def _iter_located(sources: list[str | HubSource], columns: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+def _iter_located(
+    sources: list[str | HubSource], columns: list[str] | None = None, errors: str = "strict"
+) -> Iterator[tuple[str, dict]]:
     """Yield (where, record) for every record; `where` names the file and line for error messages."""
     for source in sources:
         if isinstance(source, HubSource) or source.startswith("hub:"):
@@ -184,7 +204,7 @@ def _iter_located(sources: list[str | HubSource], columns: list[str] | None = No
             yield from read_builtin(source)
         else:
             for path in _expand(source):
-                yield from _read_file(path, columns)
+                yield from _read_file(path, columns, errors)
 
 
 def source_names(sources: Sources | None) -> str:
@@ -276,13 +296,57 @@ def _dir_files(directory: Path) -> list[Path]:
     return files
 
 
-def _open_text(path: Path):
+ENCODING_ERRORS = {"strict": "strict", "replace": "replace", "skip": "ignore"}
+"""data.encoding_errors -> the codec error handler: fail, read a bad byte as U+FFFD, or drop it."""
+
+
+def _open_text(path: Path, errors: str = "strict"):
     """Open a possibly compressed text file; utf-8-sig drops a byte-order mark, newline='' keeps \\r\\n as is."""
     opener = COMPRESSION.get(path.suffix.lower(), open)
-    return opener(path, "rt", encoding="utf-8-sig", newline="")
+    return opener(path, "rt", encoding="utf-8-sig", errors=ENCODING_ERRORS[errors], newline="")
 
 
-def _read_file(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
+def first_invalid_utf8(path: Path) -> tuple[int, int, bytes] | None:
+    """(byte offset, line number, the bad bytes) of the first bytes of a file that are not UTF-8, or None.
+
+    The offset counts bytes of the (decompressed) file from its start. A decoding error raised while
+    reading only knows its position inside the chunk being decoded, so the file is scanned again.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    opener = COMPRESSION.get(path.suffix.lower(), open)
+    offset, line = 0, 1
+    with opener(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                # The decoder keeps an incomplete sequence from the previous block in its buffer.
+                carried = len(exc.object) - len(block)
+                start = offset - carried + exc.start
+                return start, line + exc.object[: exc.start].count(b"\n"), exc.object[exc.start : exc.end]
+            line += block.count(b"\n")
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            carried = len(exc.object)
+            return offset - carried + exc.start, line, exc.object[exc.start : exc.end]
+    return None
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """A DataError naming the file offset and line of the first bytes that are not UTF-8, and the two fixes."""
+    found = first_invalid_utf8(path)
+    where = f"byte {found[0]:,} (line {found[1]:,}: {found[2].hex(' ')})" if found else f"a byte ({exc.reason})"
+    return DataError(
+        f"{path}: not UTF-8 text: invalid bytes at {where}; convert the file to UTF-8 (iconv -f latin1 -t utf-8), "
+        "or set data.encoding_errors to replace (read them as U+FFFD) or skip (drop them)"
+    )
+
+
+def _read_file(path: Path, columns: list[str] | None, errors: str = "strict") -> Iterator[tuple[str, dict]]:
     """Records of one local file, with decoding errors turned into one-line DataErrors."""
     kind = _format_of(path)
     readers = {"text": _read_text, "jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "tsv": _read_csv}
@@ -290,16 +354,16 @@ def _read_file(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dic
         if kind == "parquet":
             yield from _read_parquet(path, columns)
         else:
-            yield from readers[kind](path)
+            yield from readers[kind](path, errors)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert the file to UTF-8") from None
+        raise _not_utf8(path, exc) from None
     except (EOFError, gzip.BadGzipFile, lzma.LZMAError, OSError) as exc:
         raise DataError(f"{path}: cannot read the file ({exc.__class__.__name__}: {exc})") from None
 
 
-def _read_text(path: Path) -> Iterator[tuple[str, dict]]:
+def _read_text(path: Path, errors: str = "strict") -> Iterator[tuple[str, dict]]:
     """A text file as one document, or ~1 MB newline-aligned documents when it is large."""
-    with _open_text(path) as handle:
+    with _open_text(path, errors) as handle:
         part = 0
         while True:
             chunk = handle.read(TEXT_CHUNK_CHARS)
@@ -313,9 +377,9 @@ def _read_text(path: Path) -> Iterator[tuple[str, dict]]:
                 yield (f"{path}" if part == 1 else f"{path} (part {part})"), {"text": chunk}
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+def _read_jsonl(path: Path, errors: str = "strict") -> Iterator[tuple[str, dict]]:
     """One JSON object per line; blank lines are skipped."""
-    with _open_text(path) as handle:
+    with _open_text(path, errors) as handle:
         for lineno, line in enumerate(handle, 1):
             if line.strip():
                 yield f"{path}:{lineno}", _json_object(line, path, lineno)
@@ -333,9 +397,9 @@ def _json_object(line: str, path: Path, lineno: int) -> dict:
     return record
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
+def _read_json(path: Path, errors: str = "strict") -> Iterator[tuple[str, dict]]:
     """A JSON array of records, JSON lines under a .json name, or one object (or {key: [records]})."""
-    with _open_text(path) as handle:
+    with _open_text(path, errors) as handle:
         first = handle.readline()
         while first and not first.strip():
             first = handle.readline()
@@ -345,11 +409,11 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
     if stripped.startswith("{"):
         try:
             json.loads(stripped)
-            yield from _read_jsonl(path)  # the first line is a whole object: JSON lines
+            yield from _read_jsonl(path, errors)  # the first line is a whole object: JSON lines
             return
         except json.JSONDecodeError:
             pass  # a pretty-printed object spanning lines: parse the whole file below
-    with _open_text(path) as handle:
+    with _open_text(path, errors) as handle:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as exc:
@@ -369,11 +433,11 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path} item {index}", record
 
 
-def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:
+def _read_csv(path: Path, errors: str = "strict") -> Iterator[tuple[str, dict]]:
     """CSV/TSV rows as records keyed by the header row."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are often longer than csv's 128 KB default
     delimiter = "\t" if _format_of(path) == "tsv" else ","
-    with _open_text(path) as handle:
+    with _open_text(path, errors) as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         try:
             for row in reader:
@@ -420,6 +484,26 @@ def _offline_env() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+def hub_host_resolves() -> bool:
+    """Whether the Hub's host name resolves: a local, millisecond check that spares half a minute of download retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _in_datasets_cache(hub: HubSource) -> bool:
+    """Whether the datasets cache holds a copy of the dataset (what a non-streamed load falls back to offline)."""
+    import datasets.config
+
+    return (Path(datasets.config.HF_DATASETS_CACHE) / hub.hub.replace("/", "___")).is_dir()
+
+
 def _hub_error(hub: HubSource, exc: BaseException | None) -> DataError:
     """A one-line DataError for a hub dataset that cannot be read, saying how to work offline."""
     local = (
@@ -443,8 +527,10 @@ def _hub_error(hub: HubSource, exc: BaseException | None) -> DataError:
 
 def _read_hub(hub: HubSource) -> Iterator[tuple[str, dict]]:
     """Records of a hub dataset, streamed when `hub.streaming`, capped at `hub.max_samples`."""
-    if hub.streaming and _offline_env():
-        raise _hub_error(hub, None)  # streaming always needs the network; a cached copy needs streaming: false
+    if (_offline_env() or not hub_host_resolves()) and (hub.streaming or not _in_datasets_cache(hub)):
+        # Offline (HF_HUB_OFFLINE, or no DNS): fail at once instead of after ~25 s of retries. Streaming
+        # always needs the network; a copy in the datasets cache is read with streaming: false.
+        raise _hub_error(hub, None)
     try:
         import datasets
 

@@ -17,7 +17,8 @@ What is scored (lm-eval's `HFLM.loglikelihood` and `_encode_pair`, lm_eval/model
   - token ids: context = tokenizer(context).input_ids, so a BOS the tokenizer adds comes first;
     continuation = tokenizer(continuation, add_special_tokens=False).input_ids; the two are
     concatenated. lm-eval instead encodes context + continuation in one call and keeps what follows
-    the context's length, with no special tokens unless asked; `pair_encoding="joint"` does that
+    the context's length, with the tokenizer's default special tokens (lm-eval 0.4.13, add_bos_token
+    unset; add_bos_token=False is add_special_tokens=False here); `pair_encoding="joint"` does that
     split (it is needed for SentencePiece tokenizers that prepend a dummy space: alone, " A" becomes
     "▁", "▁A"). With byte-level BPE both give the same ids whenever the continuation starts with a
     space, since the pre-tokenizer splits there. An empty context becomes the BOS token (else EOS),
@@ -298,19 +299,28 @@ _LAYOUTS = (
 )
 
 
+LAYOUT_PARSERS = {"arc": _arc, "hellaswag": _hellaswag, "piqa": _piqa, "winogrande": _winogrande, "mmlu": _mmlu}
+Layout = Literal["auto", "generic", "arc", "hellaswag", "piqa", "winogrande", "mmlu"]
+
+
 def parse_choice_record(
-    record: Mapping, where: str, fields: Mapping[str, str] | None = None
+    record: Mapping, where: str, fields: Mapping[str, str] | None = None, layout: Layout = "auto"
 ) -> ChoiceExample:
     """A ChoiceExample from a generic, ARC, HellaSwag, PIQA, Winogrande or MMLU record.
 
     `fields` names the record's fields for the roles "context", "choices" and "label" (a generic
-    record with other names); without it the layout is recognised by its fields. Labels may be an
-    index, a digit string, a letter or the right choice's text.
+    record with other names); without it the layout is `layout`, or with "auto" recognised by the
+    record's fields. Labels may be an index, a digit string, a letter or the right choice's text.
     """
     if not isinstance(record, Mapping):
         raise DataError(f"{where}: expected an object with fields, got {type(record).__name__}")
-    if fields:
-        return _generic(record, where, fields)
+    if fields or layout == "generic":
+        return _generic(record, where, fields or {})
+    if layout != "auto":
+        try:
+            return LAYOUT_PARSERS[layout](record, where)
+        except KeyError as exc:  # a field the layout indexes directly (e.g. hellaswag's 'endings')
+            raise _problem(record, where, f"no {exc.args[0]!r} field, which the {layout} layout needs") from None
     for matches, parse in _LAYOUTS:
         if matches(record):
             return parse(record, where)
@@ -404,10 +414,11 @@ def _example_texts(example: ChoiceExample, target_delimiter: str) -> list[tuple[
 class _PairEncoder:
     """Token ids of (context, continuation) pairs; each distinct context is encoded once."""
 
-    def __init__(self, tokenizer, pair_encoding: PairEncoding):
+    def __init__(self, tokenizer, pair_encoding: PairEncoding, add_special_tokens: bool = True):
         if pair_encoding not in ("separate", "joint"):
             raise DataError(f"pair_encoding must be 'separate' or 'joint', got {pair_encoding!r}")
         self.tokenizer, self.joint, self.contexts = tokenizer, pair_encoding == "joint", {}
+        self.special = add_special_tokens  # False: no BOS before the context (lm-eval's HFLM default)
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.empty_context = [] if prefix is None else [prefix]
 
@@ -416,7 +427,7 @@ class _PairEncoder:
 
     def context(self, text: str, where: str) -> list[int]:
         if text not in self.contexts:
-            ids = self._ids(text, True) if text else []
+            ids = self._ids(text, self.special) if text else []
             if not ids:  # lm-eval scores an empty context after the EOT token
                 if not self.empty_context:
                     raise DataError(
@@ -429,7 +440,7 @@ class _PairEncoder:
     def __call__(self, context: str, continuation: str, where: str) -> tuple[list[int], list[int]]:
         context_ids = self.context(context, where)
         if self.joint and context:
-            continuation_ids = self._ids(context + continuation, True)[len(context_ids) :]
+            continuation_ids = self._ids(context + continuation, self.special)[len(context_ids) :]
         else:
             continuation_ids = self._ids(continuation, False)
         if not continuation_ids:
@@ -588,8 +599,8 @@ def _score_pairs(model, tokenizer, groups, batch_size: int, branch: bool) -> tup
     return sums, greedy
 
 
-def _encoded_groups(tokenizer, texts, window_tokens: int, pair_encoding: PairEncoding, wheres):
-    encode = _PairEncoder(tokenizer, pair_encoding)
+def _encoded_groups(tokenizer, texts, window_tokens: int, pair_encoding: PairEncoding, wheres, add_special_tokens=True):
+    encode = _PairEncoder(tokenizer, pair_encoding, add_special_tokens)
     groups, cuts, pair_id = [], [], 0
     for pairs_text, where in zip(texts, wheres, strict=True):
         pairs, cut = _fit([encode(c, t, where) for c, t in pairs_text], window_tokens, where)
@@ -599,12 +610,12 @@ def _encoded_groups(tokenizer, texts, window_tokens: int, pair_encoding: PairEnc
     return groups, cuts
 
 
-def _score_texts(model, tokenizer, texts, wheres, batch_size, max_length, share_context, pair_encoding):
+def _score_texts(model, tokenizer, texts, wheres, batch_size, max_length, share_context, pair_encoding, add_special_tokens=True):
     """(groups, cuts, sums, greedy) for lists of (context, continuation) strings, one list per example."""
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     window_tokens = _window_tokens(model, tokenizer, max_length)
-    groups, cuts = _encoded_groups(tokenizer, texts, window_tokens, pair_encoding, wheres)
+    groups, cuts = _encoded_groups(tokenizer, texts, window_tokens, pair_encoding, wheres, add_special_tokens)
     training = model.training
     model.eval()
     try:
@@ -626,16 +637,18 @@ def score_choices(
     share_context: bool = True,
     target_delimiter: str = TARGET_DELIMITER,
     pair_encoding: PairEncoding = "separate",
+    add_special_tokens: bool = True,
 ) -> list[ChoiceScores]:
     """Summed continuation log-prob and is_greedy of every choice of every example (module docstring).
 
     batch_size counts rows per forward pass: examples (all choices in one row) with share_context,
     else (context, choice) pairs. max_length overrides the model's window in tokens.
+    add_special_tokens=False encodes the context without the tokenizer's BOS (lm-eval's default).
     """
     texts = [_example_texts(e, target_delimiter) for e in examples]
     wheres = [e.where or f"example {i}" for i, e in enumerate(examples)]
     groups, cuts, sums, greedy = _score_texts(
-        model, tokenizer, texts, wheres, batch_size, max_length, share_context, pair_encoding
+        model, tokenizer, texts, wheres, batch_size, max_length, share_context, pair_encoding, add_special_tokens
     )
     return [
         ChoiceScores([sums[p] for p, _, _ in g], [greedy[p] for p, _, _ in g], [len(t) for _, _, t in g], cut)
@@ -662,6 +675,7 @@ def score_cloze(
     batch_size: int = 8,
     max_length: int | None = None,
     pair_encoding: PairEncoding = "separate",
+    add_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """LAMBADA-style accuracy (the last word is the greedy continuation) and the targets' perplexity.
 
@@ -672,13 +686,18 @@ def score_cloze(
     pairs = [[cloze_split(t, f"text {i}")] for i, t in enumerate(texts)]
     wheres = [f"text {i}" for i in range(len(texts))]
     groups, cuts, sums, greedy = _score_texts(
-        model, tokenizer, pairs, wheres, batch_size, max_length, False, pair_encoding
+        model, tokenizer, pairs, wheres, batch_size, max_length, False, pair_encoding, add_special_tokens
     )
     rows = [
         {"logprob": sums[p], "is_greedy": greedy[p], "target_tokens": len(t), "truncated": cut > 0}
         for g, cut in zip(groups, cuts, strict=True)
         for p, _, t in g
     ]
+    return {**cloze_metrics(rows), "examples": rows}
+
+
+def cloze_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """score_cloze's metrics (without `examples`) from its per-text rows, e.g. rows gathered from several processes."""
     hits = [float(r["is_greedy"]) for r in rows]
     n_tokens = sum(r["target_tokens"] for r in rows)
     total = sum(r["logprob"] for r in rows)
@@ -690,7 +709,6 @@ def score_cloze(
         "n": len(rows),
         "target_tokens": n_tokens,
         "truncated": sum(r["truncated"] for r in rows),
-        "examples": rows,
     }
 
 

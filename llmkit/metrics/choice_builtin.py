@@ -8,28 +8,16 @@ boundary (CPU scoring stays fast); choices: the record's summary and num_choices
 other records' summaries from the same split, each scored as " {summary}" (the target delimiter).
 Distractors and the right answer's position are drawn by random.Random(f"{seed}/{record id}"), so a
 seed gives the same questions in every run on the same Python version (the stdlib is the corpus).
+The records themselves are built by llmkit/data/builtin.py (`docsum_choice_split`); with the default
+settings they are the source `builtin:docsum-choice/SPLIT` that `llmkit eval` reads.
 """
 
 from __future__ import annotations
 
-import random
+from llmkit.data.builtin import DOCSUM_CHOICE_DOCUMENT_CHARS, docsum_choice_split
+from llmkit.metrics.choice import ChoiceExample, parse_choice_record
 
-from llmkit.data.builtin import docsum_records
-from llmkit.errors import DataError
-from llmkit.metrics.choice import ChoiceExample
-
-DOCSUM_TEMPLATE = "{document}\n\nSummary:"
-DOCUMENT_CHARS = 600
-SPLITS = ("train", "validation", "test")
-
-
-def shorten(text: str, max_chars: int) -> str:
-    """`text` cut to at most max_chars at the last whitespace before the limit (whole words only)."""
-    if len(text) <= max_chars:
-        return text
-    cut = text[: max_chars + 1]  # a space right after the limit still ends a whole word
-    boundary = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
-    return (cut[:boundary] if boundary > 0 else text[:max_chars]).rstrip()
+DOCUMENT_CHARS = DOCSUM_CHOICE_DOCUMENT_CHARS
 
 
 def docsum_choice_examples(
@@ -41,31 +29,6 @@ def docsum_choice_examples(
     document_chars: int = DOCUMENT_CHARS,
 ) -> list[ChoiceExample]:
     """Multiple-choice questions from builtin:docsum: choose a stdlib docstring's summary line among num_choices."""
-    if split not in SPLITS:
-        raise DataError(f"builtin:docsum has splits {', '.join(SPLITS)}, not {split!r}")
-    if num_choices < 2:
-        raise DataError(f"num_choices ({num_choices}) must be at least 2")
-    records = [r for s, r in docsum_records() if s == split]
-    summaries = sorted(
-        {r["summary"] for r in records}
-    )  # distinct, in an order that does not depend on the walk
-    if len(summaries) < num_choices:
-        raise DataError(
-            f"builtin:docsum/{split} has {len(summaries)} distinct summaries, fewer than num_choices ({num_choices})"
-        )
-    examples = []
-    for record in records[:limit]:
-        rng = random.Random(f"{seed}/{record['id']}")
-        right = record["summary"]
-        # num_choices draws always hold num_choices - 1 that differ from the right summary.
-        distractors = [s for s in rng.sample(summaries, num_choices) if s != right][: num_choices - 1]
-        label = rng.randrange(num_choices)
-        examples.append(
-            ChoiceExample(
-                context=DOCSUM_TEMPLATE.format(document=shorten(record["document"], document_chars)),
-                choices=distractors[:label] + [right] + distractors[label:],
-                label=label,
-                where=f"builtin:docsum/{split}:{record['id']}",
-            )
-        )
-    return examples
+    # The records are built in llmkit/data/builtin.py (builtin:docsum-choice is the default settings).
+    records = docsum_choice_split(split, num_choices, seed, document_chars)[:limit]
+    return [parse_choice_record(r, f"builtin:docsum/{split}:{r['id']}") for r in records]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmkit import models
 from llmkit.data import sft
-from llmkit.data.lm import open_cache, prepare_cache
+from llmkit.data.lm import lm_train_data, open_cache, prepare_cache
 from llmkit.data.packing import IGNORE_INDEX, PackedBlocks
 from llmkit.errors import RecipeError
 from llmkit.recipes import FinetuneRecipe, PretrainRecipe
@@ -29,6 +29,14 @@ def prepare(recipe) -> Path | sft.SFTData:
     if recipe.data.streaming:
         raise RecipeError("data.streaming is true: streamed corpora are tokenized during training; nothing to prepare")
     tokenizer = models.load_tokenizer(recipe.tokenizer)
+    models.training_config(recipe, tokenizer)  # a model the recipe cannot build fails before the corpus is tokenized
+    if recipe.data.is_mixture:
+        # One cache entry per source; building the mixture also prints each source's blocks and planned share.
+        mixture = lm_train_data(recipe, tokenizer)
+        print(f"data: {mixture.description}")
+        for path in mixture.extra["cache"]:
+            print(f"cache: {path}")
+        return Path(mixture.extra["cache"][0])
     path = prepare_cache(recipe, tokenizer)
     tokens, docs = open_cache(path, "train")
     print(PackedBlocks(tokens, docs, recipe.data.seq_len, positions=False).stats().line("train"))
@@ -80,7 +88,9 @@ def inspect(recipe: FinetuneRecipe, num_examples: int = 3) -> None:
     """`llmkit data inspect RECIPE`: print formatted examples with trained and masked tokens told apart."""
     finetune.check(recipe)
     tokenizer = finetune.load_tokenizer(recipe)
-    records = sft.load_located_records(recipe.data.train, max(num_examples, recipe.data.max_samples or 0) or None)
+    records = sft.load_located_records(
+        recipe.data.train, max(num_examples, recipe.data.max_samples or 0) or None, recipe.data.encoding_errors
+    )
     sft.check_records(recipe, records)
     if recipe.task.type == "classification":
         sft.resolve_task(recipe, records if recipe.task.labels else sft.split_records(recipe)[0], [])

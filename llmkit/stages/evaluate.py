@@ -1,7 +1,8 @@
-"""`llmkit eval`: perplexity, ROUGE and task metrics of one or several checkpoints, reproducibly.
+"""`llmkit eval`: perplexity, ROUGE, task and multiple-choice metrics of one or several checkpoints, reproducibly.
 
     llmkit eval eval/tiny
     llmkit eval eval/perplexity --set model.path=runs/pretrain-tiny --set data.stride=128
+    llmkit eval eval/choice-tiny        # multiple choice on a built-in task, as lm-evaluation-harness scores it
     accelerate launch -m llmkit eval eval/perplexity     # several processes: sums are reduced
 
 Outputs in output_dir: metrics.json (values and the exact protocol), predictions.jsonl (input,
@@ -20,25 +21,183 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import typer
 
 from llmkit import __version__, dist, rundir
 from llmkit.data import sft
-from llmkit.data.sources import check_sources, describe, iter_located_records, iter_texts
+from llmkit.data.sources import check_sources, describe, iter_located_records, iter_texts, source_names
 from llmkit.errors import RecipeError
 from llmkit.generation import generate_ids
+from llmkit.metrics.choice import (
+    FEWSHOT_DELIMITER,
+    TARGET_DELIMITER,
+    ChoiceExample,
+    choice_metrics,
+    metrics_by_subject,
+    prediction_rows,
+    with_fewshot,
+)
+from llmkit.metrics.choice import aggregate as aggregate_tasks
+from llmkit.metrics.choice_tasks import (
+    load_choice_examples,
+    load_cloze_texts,
+    score_choices_shared,
+    score_cloze_shared,
+)
 from llmkit.metrics.perplexity import perplexity, reduce_totals
 from llmkit.metrics.rouge import aggregate, per_example_scores
 from llmkit.metrics.text import accuracy_scores, bleu, exact_match_scores
-from llmkit.models import check_model_dir, checkpoint_config, load_model, max_positions
+from llmkit.models import (
+    check_causal,
+    check_model_dir,
+    checkpoint_config,
+    load_model,
+    max_positions,
+    run_dir_of,
+)
 from llmkit.recipes import EvalRecipe, TaskSpec, load_recipe
 
 GENERATION_METRICS = ("rouge", "accuracy", "exact_match", "bleu")
+LIKELIHOOD_METRICS = ("multiple_choice", "cloze")
 OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "comparison.md", "comparison.json", "recipe.yaml")
 DEFAULT_MAX_SEQ_LEN = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple-choice and cloze metrics (log-likelihood scoring, llmkit/metrics/choice.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LikelihoodTask:
+    """One multiple-choice or cloze task, read and checked before any model is loaded."""
+
+    name: str
+    examples: list[ChoiceExample] = field(default_factory=list)  # multiple_choice
+    texts: list[tuple[str, str]] = field(default_factory=list)  # cloze: (where, text)
+
+
+def likelihood_tasks(recipe: EvalRecipe) -> list[LikelihoodTask]:
+    """The recipe's multiple-choice / cloze tasks, every record parsed (DataError on the first bad one); [] without."""
+    if not any(m in LIKELIHOOD_METRICS for m in recipe.metrics):
+        return []
+    spec, data = recipe.choice, recipe.data
+    groups = [[s] for s in data.test] if spec.tasks == "per_source" else [list(data.test)]
+    tasks = []
+    for sources in groups:
+        name = source_names(sources)
+        if "cloze" in recipe.metrics:
+            texts = load_cloze_texts(sources, data.text_field, max_samples=data.max_samples, encoding_errors=data.encoding_errors)
+            tasks.append(LikelihoodTask(name, texts=texts))
+            continue
+        read = dict(layout=spec.layout, fields=spec.field_names(), encoding_errors=data.encoding_errors)
+        examples = load_choice_examples(sources, max_samples=data.max_samples, **read)
+        if spec.num_fewshot:
+            same_split = spec.fewshot_split is None
+            pool = examples if same_split else load_choice_examples(spec.fewshot_split, **read)
+            examples = with_fewshot(examples, pool, spec.num_fewshot, spec.fewshot_seed, same_split=same_split)
+        tasks.append(LikelihoodTask(name, examples=examples))
+    return tasks
+
+
+def _macro(parts: dict[str, dict], unit: str) -> dict[str, Any]:
+    """The macro average of several tasks' (or subjects') metrics, with the parts and how it averaged."""
+    agg = aggregate_tasks(parts, "macro")
+    out = {k: v for k, v in agg.items() if k not in ("n", "tasks", "how")}
+    out["examples"] = agg["n"]
+    out["average"] = f"macro over {len(parts)} {unit}: each counts once; stderr = sqrt(sum of squared stderrs) / {len(parts)}"
+    out[unit] = parts
+    return out
+
+
+def _choice_task_metrics(model, tokenizer, spec, task: LikelihoodTask) -> tuple[dict[str, Any], list[dict]]:
+    scores = score_choices_shared(
+        model, tokenizer, task.examples, batch_size=spec.batch_size, max_length=spec.max_length, pair_encoding=spec.pair_encoding,
+        add_special_tokens=spec.add_bos,
+    )
+    rows = prediction_rows(scores, task.examples)
+    for row, example in zip(rows, task.examples, strict=True):
+        if example.subject is not None:
+            row["subject"] = example.subject
+    if any(e.subject is not None for e in task.examples):  # MMLU: the usual number is the macro over subjects
+        return _macro(metrics_by_subject(scores, task.examples), "subjects"), rows
+    metrics = choice_metrics(scores, task.examples)
+    metrics["examples"] = metrics["n"]
+    return metrics, rows
+
+
+def _cloze_task_metrics(model, tokenizer, spec, task: LikelihoodTask) -> tuple[dict[str, Any], list[dict]]:
+    texts = [text for _, text in task.texts]
+    metrics = score_cloze_shared(
+        model, tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length, pair_encoding=spec.pair_encoding,
+        add_special_tokens=spec.add_bos,
+    )
+    rows = [
+        {"index": i, "where": where, "target": text.rpartition(" ")[2], **row}
+        for i, ((where, text), row) in enumerate(zip(task.texts, metrics.pop("examples"), strict=True))
+    ]
+    metrics["examples"] = metrics["n"]
+    return metrics, rows
+
+
+def likelihood_metrics(model, tokenizer, recipe: EvalRecipe, tasks: list[LikelihoodTask]) -> tuple[dict[str, Any], list[dict]]:
+    """Score every task; one task's metrics as they are, several tasks' macro-averaged (with each task's)."""
+    score = _cloze_task_metrics if "cloze" in recipe.metrics else _choice_task_metrics
+    results, all_rows = {}, []
+    for task in tasks:
+        results[task.name], rows = score(model, tokenizer, recipe.choice, task)
+        all_rows += [{"task": task.name, **r} for r in rows] if len(tasks) > 1 else rows
+    if len(tasks) == 1:
+        return results[tasks[0].name], all_rows
+    return _macro(results, "tasks"), all_rows
+
+
+def likelihood_protocol(recipe: EvalRecipe, tasks: list[LikelihoodTask], tokenizer, window_tokens: int | None) -> dict[str, Any]:
+    """What the multiple-choice / cloze numbers mean, recorded next to them in metrics.json."""
+    spec = recipe.choice
+    protocol: dict[str, Any] = {
+        "tasks": [t.name for t in tasks],
+        "task_grouping": spec.tasks,
+        "average": "macro over tasks (each counts once); MMLU-style records with a subject: macro over subjects"
+        if len(tasks) > 1 else "one task; records with a subject: macro over subjects",
+        "score": "sum of the continuation tokens' log-probs given the context (lm-eval loglikelihood); context tokens never scored",
+        "target_delimiter": TARGET_DELIMITER,
+        "pair_encoding": spec.pair_encoding,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "add_bos": spec.add_bos,
+        "dtype": recipe.model.dtype,
+        "window_tokens": spec.max_length or window_tokens,
+        "truncation": "contexts longer than the window are cut from the left and counted in 'truncated'",
+        "batch_size": spec.batch_size,
+    }
+    if "cloze" in recipe.metrics:
+        protocol["cloze"] = {
+            "text_field": recipe.data.text_field,
+            "split": "context = the text before its last space, target = ' ' + the last word (lm-eval lambada)",
+            "acc": "the target is the greedy continuation (every target token is the argmax)",
+            "target_perplexity": "exp(sum NLL / target tokens)",
+            "example_perplexity": "exp(-mean per-text log-prob) (lm-eval's perplexity)",
+        }
+        return protocol
+    protocol.update({
+        "layout": spec.layout,
+        "fields": spec.field_names() or None,
+        "num_fewshot": spec.num_fewshot,
+        "fewshot_source": (describe(spec.fewshot_split) if spec.fewshot_split else "data.test, each question left out of its own prompt")
+        if spec.num_fewshot else None,
+        "fewshot_seed": spec.fewshot_seed if spec.num_fewshot else None,
+        "fewshot_sampler": ("first_n" if spec.fewshot_seed is None else "random.Random(seed + i).sample") if spec.num_fewshot else None,
+        "fewshot_delimiter": FEWSHOT_DELIMITER,
+        "normalization": {
+            "acc": "argmax of the summed log-probs (ties: first choice)",
+            "acc_norm": "argmax of log-prob / characters of the choice text (lm-eval acc_norm)",
+            "acc_bytes": "argmax of log-prob / UTF-8 bytes of the choice text (lm-eval acc_bytes)",
+        },
+        "stderr": "lm-eval mean_stderr: sample standard deviation (n - 1) / sqrt(n)",
+    })  # fmt: skip
+    return protocol
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +229,7 @@ class ModelPlan:
 
 
 def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
-    run_recipe = Path(path) / "recipe.yaml"
+    run_recipe = run_dir_of(path) / "recipe.yaml"  # an intermediate checkpoint's task is its run's
     if not run_recipe.is_file():
         raise RecipeError(
             f"task: not set, and {where} ({path}) has no recipe.yaml to read it from; "
@@ -111,7 +270,9 @@ def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
         where = "model.path" if isinstance(recipe.model.path, str) else f"model.path[{i}]"
         check_model_dir(path, where, recipe.tokenizer)
         plan = ModelPlan(path=path, where=where)
-        limit = max_positions(checkpoint_config(path, where))
+        config = checkpoint_config(path, where)
+        check_causal(config, where, path)  # an encoder's perplexity would be scored with the answer in view
+        limit = max_positions(config)
         if "perplexity" in recipe.metrics:
             seq_len = recipe.data.seq_len or min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
             if limit is not None and seq_len > limit:
@@ -149,7 +310,8 @@ def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:
 
 def _located_records(recipe: EvalRecipe) -> list[tuple[str, dict]]:
     """(where, record) pairs of data.test, `where` naming file and line for error messages."""
-    return list(iter_located_records(recipe.data.test, max_samples=recipe.data.max_samples))
+    data = recipe.data
+    return list(iter_located_records(data.test, max_samples=data.max_samples, encoding_errors=data.encoding_errors))
 
 
 def _task_with_labels(task: TaskSpec, records: list[dict]) -> TaskSpec:
@@ -260,7 +422,11 @@ def _protocols(recipe: EvalRecipe, plan: ModelPlan, task: TaskSpec | None) -> di
 
 
 def evaluate_model(
-    recipe: EvalRecipe, plan: ModelPlan, located: list[tuple[str, dict]] | None, log
+    recipe: EvalRecipe,
+    plan: ModelPlan,
+    located: list[tuple[str, dict]] | None,
+    log,
+    tasks: list[LikelihoodTask] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Load one checkpoint and compute every metric of the recipe: ({model, metrics, protocol}, predictions)."""
     import torch
@@ -283,7 +449,8 @@ def evaluate_model(
     rows: list[dict] = []
     task = None
     if plan.seq_len is not None:
-        texts = list(iter_texts(recipe.data.test, recipe.data.text_field, recipe.data.max_samples))
+        data = recipe.data
+        texts = list(iter_texts(data.test, data.text_field, data.max_samples, data.encoding_errors))
         t0 = time.perf_counter()
         totals = reduce_totals(
             perplexity(model, tokenizer, texts, plan.seq_len, plan.stride, recipe.data.batch_size)
@@ -309,6 +476,15 @@ def evaluate_model(
             f"  {shown}  ({len(rows)} examples)"
             + (f"  bleu {gen_metrics['bleu']:.2f}" if "bleu" in gen_metrics else "")
         )
+    scoring_protocol = None
+    if tasks:
+        t0 = time.perf_counter()
+        scored, rows = likelihood_metrics(model, tokenizer, recipe, tasks)
+        timing["examples_per_second"] = scored["examples"] / max(time.perf_counter() - t0, 1e-9)
+        metrics.update(scored)
+        scoring_protocol = likelihood_protocol(recipe, tasks, tokenizer, max_positions(model.config))
+        shown = "  ".join(f"{k} {scored[k]:.4f}" for k in ("acc", "acc_norm", "target_perplexity") if k in scored)
+        log(f"  {shown}  ({scored['examples']} examples, {scored['truncated']} contexts cut to fit the window)")
     timing["seconds"] = time.perf_counter() - started
     del model
     if torch.cuda.is_available():
@@ -320,7 +496,26 @@ def evaluate_model(
         "timing": timing,
         "protocol": _protocols(recipe, plan, task),
     }
+    if scoring_protocol is not None:
+        result["protocol"]["multiple_choice" if "multiple_choice" in recipe.metrics else "cloze"] = scoring_protocol
     return result, rows
+
+
+def test_records(recipe: EvalRecipe) -> dict[str, Any] | None:
+    """When data.max_samples caps the test set: how many records are scored out of how many there are.
+
+    Local and built-in sources are counted whole; a hub dataset only up to one past the cap
+    ("available": null means it holds more than the cap). None when nothing caps the test set.
+    """
+    cap = recipe.data.max_samples
+    if cap is None:
+        return None
+    hub = any(not isinstance(s, str) or s.startswith("hub:") for s in recipe.data.test)
+    located = iter_located_records(recipe.data.test, max_samples=cap + 1 if hub else None, encoding_errors=recipe.data.encoding_errors)
+    available = sum(1 for _ in located)
+    if hub and available > cap:
+        return {"max_samples": cap, "scored": cap, "available": None}
+    return {"max_samples": cap, "scored": min(cap, available), "available": available}
 
 
 def _check_records(recipe: EvalRecipe, plans: list[ModelPlan]) -> list[tuple[str, dict]] | None:
@@ -336,9 +531,10 @@ def _check_records(recipe: EvalRecipe, plans: list[ModelPlan]) -> list[tuple[str
 
 COMPARISON_KEYS = (
     "perplexity", "nll", "bits_per_byte", "rouge1", "rouge2", "rougeL", "rougeLsum",
-    "accuracy", "exact_match", "bleu", "tokens_per_second", "examples_per_second",
+    "accuracy", "exact_match", "bleu", "acc", "acc_norm", "target_perplexity",
+    "tokens_per_second", "examples_per_second",
 )  # fmt: skip
-LOWER_IS_BETTER = {"perplexity", "nll", "bits_per_byte"}
+LOWER_IS_BETTER = {"perplexity", "nll", "bits_per_byte", "target_perplexity"}
 NOT_RANKED = {"tokens_per_second", "examples_per_second"}
 
 
@@ -417,6 +613,12 @@ def comparison_table(table: dict[str, Any], markdown: bool = True) -> str:
 
 def run(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, Any]:
     """`llmkit eval`: score every checkpoint of the recipe and write metrics.json, predictions.jsonl, comparison."""
+    # One eval per output_dir at a time; taking the lock also proves output_dir writable before any scoring.
+    with rundir.locked(recipe.output_dir):
+        return _run(recipe, overwrite)
+
+
+def _run(recipe: EvalRecipe, overwrite: bool) -> dict[str, Any]:
     world, rank = dist.world()
     is_main = rank == 0
 
@@ -430,12 +632,22 @@ def run(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, Any]:
     if "perplexity" in recipe.metrics:
         check_sources(recipe.data.test)
     located = _check_records(recipe, plans)
+    tasks = likelihood_tasks(recipe)  # every multiple-choice / cloze record parsed before any model loads
+    records = test_records(recipe)
+    if records is not None and records["available"] != records["scored"]:
+        of = f"{records['available']:,}" if records["available"] is not None else "more"
+        log(
+            f"note: data.max_samples ({records['max_samples']:,}) caps the test set: scoring the first "
+            f"{records['scored']:,} of {of} records of {source_names(recipe.data.test)}; set data.max_samples=null to score them all"
+        )
 
     # 2. Score each checkpoint in turn (one model in memory at a time).
     results, all_rows = [], []
     for plan in plans:
         log(f"scoring {plan.path}" + (f" on {world} processes" if world > 1 else ""))
-        result, rows = evaluate_model(recipe, plan, located, log)
+        result, rows = evaluate_model(recipe, plan, located, log, tasks)
+        if records is not None:
+            result["protocol"]["test_records"] = records  # what max_samples left out, next to the numbers
         results.append(result)
         for row in rows:
             all_rows.append({"model": plan.path, **row} if len(plans) > 1 else row)

@@ -17,10 +17,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from llmkit import models, rundir
+from llmkit import dist, models, rundir
 from llmkit.data import sft
+from llmkit.data.splits import builtin_validation_warning
 from llmkit.errors import RecipeError
 from llmkit.generation import generate_texts
+from llmkit.metrics.choice_tasks import with_choice_eval
 from llmkit.metrics.rouge import rouge_scores
 from llmkit.metrics.text import accuracy
 from llmkit.recipes import FinetuneRecipe, GenerationSpec
@@ -35,7 +37,10 @@ def check(recipe: FinetuneRecipe) -> None:
         if "{labels}" in task.prompt_template and task.type != "classification":
             raise RecipeError("task.prompt_template: {labels} is only filled for the classification task")
     models.check_lora_available(recipe)
-    models.check_model_dir(recipe.model.path)
+    models.check_model_dir(recipe.model.path, tokenizer=recipe.tokenizer)
+    warning = builtin_validation_warning(recipe.data)
+    if warning:
+        dist.log(warning)
 
 
 def load_tokenizer(recipe: FinetuneRecipe):
@@ -78,6 +83,12 @@ def task_metric(recipe: FinetuneRecipe, tokenizer, validation: Sequence[tuple[st
 
 def run(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
     """`llmkit finetune RECIPE`: check, load records and tokenizer, tokenize, load the model, then `fit`."""
+    # A run directory in use by another run, or that cannot be written, fails before any work.
+    with rundir.locked(recipe.output_dir):
+        return _run(recipe, overwrite)
+
+
+def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     # 1. Everything that can fail cheaply fails before any model weights are read.
     check(recipe)
     tokenizer = load_tokenizer(recipe)
@@ -121,7 +132,7 @@ def run(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
         model,
         tokenizer,
         data,
-        extra_eval=task_metric(recipe, tokenizer, validation),
+        extra_eval=with_choice_eval(task_metric(recipe, tokenizer, validation), recipe.train.choice_eval, tokenizer),
         save_final=save_final,
         overwrite=overwrite,
     )

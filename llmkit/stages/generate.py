@@ -1,11 +1,14 @@
 """`llmkit generate`: sample text from any checkpoint, streamed to the terminal.
 
-    llmkit generate runs/quickstart/finetune "Summarize the following text." --max-new-tokens 32
+    llmkit generate runs/quickstart/finetune --file document.txt --max-new-tokens 32   # summarizes it
     echo "def add(a, b):" | llmkit generate runs/quickstart/pretrain --temperature 0
+    llmkit generate runs/quickstart/pretrain/checkpoints/step-00000250 "The os module"
     llmkit generate runs/chat --chat          # interactive; the conversation is kept
 
-Prompts are encoded exactly as training encoded them (llmkit/data/sft.py: `encode_prompts`, and
-`chat_prompt_ids` for --chat), so a fine-tuned model sees the prompt shape it learned.
+Prompts are encoded exactly as training encoded them (llmkit/data/sft.py: `format_prompt` fills a
+fine-tune's prompt template, `encode_prompts` tokenizes, `chat_prompt_ids` for --chat), so a
+fine-tuned model sees the prompt shape it learned; --raw sends the text as it is. A file or stdin
+is one prompt (a document spans lines); --one-per-line makes each line a prompt.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmkit.data.sft import chat_prompt_ids, encode_prompts
+from llmkit.data.sft import chat_prompt_ids, encode_prompts, format_prompt, task_defaults, template_fields
 from llmkit.errors import DataError, ModelError, RecipeError
 from llmkit.generation import cut_at_stop, decode_continuation, generate_ids, generation_config, stop_criteria
-from llmkit.models import check_model_dir, load_model
-from llmkit.recipes import GenerationSpec
+from llmkit.models import check_model_dir, load_model, max_positions, run_dir_of
+from llmkit.recipes import GenerationSpec, TaskSpec, load_recipe
 
 
 def _stop_aware_streamer(tokenizer, stop: Sequence[str], out):
@@ -58,9 +61,22 @@ def _stop_aware_streamer(tokenizer, stop: Sequence[str], out):
     return StopAwareStreamer()
 
 
-def read_prompts(prompt: str | None, file: Path | None, stdin=None) -> list[str] | None:
-    """Prompts from the argument, a file (one per line; .jsonl: the 'prompt' field) or piped stdin (one per line).
+def _split_prompts(text: str, one_per_line: bool) -> list[str]:
+    """The whole text as one prompt (its final newline dropped), or each non-empty line with --one-per-line."""
+    if one_per_line:
+        return [line for line in text.splitlines() if line.strip()]
+    text = text.rstrip("\r\n")
+    return [text] if text.strip() else []
 
+
+def read_prompts(
+    prompt: str | None, file: Path | None, stdin=None, one_per_line: bool = False, fields: list[str] | None = None
+) -> list[str | dict] | None:
+    """Prompts from the argument, a file or piped stdin.
+
+    A text file or stdin is one prompt, newlines and all (a document to summarize spans lines);
+    `one_per_line` makes each non-empty line a prompt. A .jsonl file holds one record per line:
+    its 'prompt' field, or (for a fine-tune's template, `fields`) a record with the template's fields.
     None means stdin is a terminal with no prompt given: the caller runs an interactive session.
     """
     if prompt is not None and prompt != "-":
@@ -72,7 +88,7 @@ def read_prompts(prompt: str | None, file: Path | None, stdin=None) -> list[str]
             raise DataError(f"--file: {file}: no such file")
         text = file.read_text(encoding="utf-8")
         if file.suffix == ".jsonl":
-            prompts = []
+            prompts: list[str | dict] = []
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
@@ -80,21 +96,43 @@ def read_prompts(prompt: str | None, file: Path | None, stdin=None) -> list[str]
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{file}:{n}: invalid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or "prompt" not in record:
-                    raise DataError(f"{file}:{n}: expected a record with a 'prompt' field")
-                prompts.append(str(record["prompt"]))
+                if isinstance(record, dict) and "prompt" in record:
+                    prompts.append(str(record["prompt"]))
+                elif isinstance(record, dict) and fields and all(f in record for f in fields):
+                    prompts.append({f: str(record[f]) for f in fields})
+                else:
+                    wanted = "'prompt'" + (f" or the template's fields ({', '.join(fields)})" if fields else "")
+                    raise DataError(f"{file}:{n}: expected a record with a {wanted} field")
         else:
-            prompts = [line for line in text.splitlines() if line.strip()]
+            prompts = list(_split_prompts(text, one_per_line))
         if not prompts:
             raise DataError(f"--file: {file}: holds no prompts")
         return prompts
     stdin = stdin or sys.stdin
     if stdin.isatty():
         return None
-    prompts = [line.rstrip("\n") for line in stdin if line.strip()]
+    prompts = list(_split_prompts(stdin.read(), one_per_line))
     if not prompts:
         raise DataError("stdin held no prompts")
     return prompts
+
+
+def finetune_task(model: str) -> tuple[TaskSpec, Path] | None:
+    """The task (prompt template) of the fine-tuning run a model directory holds, with its recipe.yaml; else None.
+
+    Pretrained models, hub models and text-task fine-tunes have no template: their prompts are sent as is.
+    """
+    path = run_dir_of(model) / "recipe.yaml"
+    if not path.is_file():
+        return None
+    try:
+        recipe = load_recipe(path)
+    except RecipeError:
+        return None  # not ours to judge here: a model directory may carry any recipe.yaml
+    task = getattr(recipe, "task", None)
+    if recipe.stage != "finetune" or task is None or task.type == "text":
+        return None
+    return task, path
 
 
 def _stream_one(lm, tokenizer, ids: list[int], spec: GenerationSpec) -> str:
@@ -116,8 +154,11 @@ def _stream_one(lm, tokenizer, ids: list[int], spec: GenerationSpec) -> str:
     return decode_continuation(tokenizer, out[0, len(ids) :].tolist(), spec.stop)
 
 
-def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool) -> list[str]:
-    """A terminal session: read a prompt, stream the reply; in chat mode the conversation is kept."""
+def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool, to_prompt=None) -> list[str]:
+    """A terminal session: read a prompt, stream the reply; in chat mode the conversation is kept.
+
+    `to_prompt` turns a typed line into the model's prompt (a fine-tune's template), when given.
+    """
     import typer
 
     messages: list[dict] = []
@@ -145,7 +186,8 @@ def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool) -> list[str]:
             reply = _stream_one(lm, tokenizer, chat_prompt_ids(tokenizer, messages), spec)
             messages.append({"role": "assistant", "content": reply})
         else:
-            reply = _stream_one(lm, tokenizer, encode_prompts(tokenizer, [line])[0], spec)
+            text = to_prompt(line) if to_prompt else line
+            reply = _stream_one(lm, tokenizer, encode_prompts(tokenizer, [text])[0], spec)
         outputs.append(reply)
 
 
@@ -163,8 +205,15 @@ def run(
     chat: bool = False,
     stop: list[str] | None = None,
     stream: bool = True,
+    raw: bool = False,
+    one_per_line: bool = False,
 ) -> list[str]:
-    """`llmkit generate`: sample continuations of prompts from a checkpoint, streaming them to stdout."""
+    """`llmkit generate`: sample continuations of prompts from a checkpoint, streaming them to stdout.
+
+    A fine-tuned model (its directory holds the finetune recipe.yaml) gets each prompt through the
+    run's prompt template, as in training, unless `raw`; `one_per_line` splits a file or stdin into
+    one prompt per line (by default the whole text is one prompt).
+    """
     import torch
     import typer
 
@@ -181,8 +230,15 @@ def run(
         )
     if not 0 < top_p <= 1:
         raise RecipeError(f"--top-p must be in (0, 1], got {top_p}")
-    check_model_dir(model, "MODEL")
-    prompts = read_prompts(prompt, file)
+    check_model_dir(model, "MODEL", tokenizer_key=None)  # generate has no tokenizer option
+    found = None if (raw or chat) else finetune_task(model)
+    fields = template_fields(task_defaults(found[0]).prompt_template) if found else None
+    prompts = read_prompts(prompt, file, one_per_line=one_per_line, fields=fields)
+    if found and fields is not None and len(fields) != 1 and (prompts is None or any(isinstance(p, str) for p in prompts)):
+        raise DataError(
+            f"MODEL: the prompt template of {found[1]} names {len(fields)} fields ({', '.join(fields) or 'none'}), so a "
+            "plain prompt cannot fill it; give --file records.jsonl with those fields, or pass --raw"
+        )
     spec = GenerationSpec(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
@@ -199,15 +255,30 @@ def run(
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat and not has_template:
         raise ModelError(f"MODEL: {model}: the tokenizer has no chat template; drop --chat")
-    if has_template and not chat:
+    to_prompt = None
+    if found:
+        task, recipe_path = found
+        limit = max_positions(lm.config)
+        budget = None if limit is None else max(1, limit - max_new_tokens)  # long documents are cut, as in eval
+
+        def to_prompt(value: str | dict) -> str:
+            return format_prompt(task, value, tokenizer, max_prompt_tokens=budget)
+
+        template = task_defaults(task).prompt_template
+        typer.echo(
+            f"(prompts go through the {task.type} prompt template of {recipe_path}, as in training: {template!r}; "
+            "--raw sends them as they are)",
+            err=True,
+        )
+    elif has_template and not chat:
         typer.echo("(the tokenizer has a chat template; pass --chat to use it)", err=True)
     torch.manual_seed(seed)
     if prompts is None:
-        return _interactive(lm, tokenizer, spec, chat)
+        return _interactive(lm, tokenizer, spec, chat, to_prompt)
     if chat:
         prompt_ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     else:
-        prompt_ids = encode_prompts(tokenizer, prompts)
+        prompt_ids = encode_prompts(tokenizer, [to_prompt(p) if to_prompt else p for p in prompts])
 
     # 3. Generate: token by token to the terminal, or batched when not streaming.
     many = len(prompts) > 1 or num_samples > 1

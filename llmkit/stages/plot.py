@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from llmkit.errors import DataError, LlmkitError
+from llmkit import rundir
+from llmkit.errors import DataError, LlmkitError, writing
+
+ACC_KEYS = ("choice_acc", "choice_acc_norm")  # logged by train.choice_eval (llmkit/metrics/choice_tasks.py)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -36,7 +40,7 @@ def _series(events: list[dict], event: str, key: str, x: str) -> tuple[list[floa
 
 
 def run(run_dirs: list[Path], output: Path) -> str:
-    """Draw train/validation loss against steps and tokens, and the learning rate, for each run."""
+    """Draw train/validation loss against steps and tokens, the learning rate, and multiple-choice accuracy when logged."""
     try:
         import matplotlib
     except ImportError:
@@ -47,7 +51,10 @@ def run(run_dirs: list[Path], output: Path) -> str:
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     if not any(events for _, events in runs):
         raise DataError(f"{', '.join(str(d) for d in run_dirs)}: the metrics logs hold no events yet")
-    fig, (ax_steps, ax_tokens, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
+    # train.choice_eval logs choice_acc / choice_acc_norm in eval events: a fourth panel shows them.
+    has_acc = any(e.get("event") == "eval" and ACC_KEYS[0] in e for _, events in runs for e in events)
+    fig, axes = plt.subplots(1, 4 if has_acc else 3, figsize=(21 if has_acc else 16, 4.5))
+    ax_steps, ax_tokens, ax_lr = axes[:3]
     for index, (run_dir, events) in enumerate(runs):
         color = f"C{index % 10}"
         label = run_dir.name or str(run_dir)
@@ -59,17 +66,29 @@ def run(run_dirs: list[Path], output: Path) -> str:
                 ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{label} validation")
         xs, ys = _series(events, "train", "lr", "step")
         ax_lr.plot(xs, ys, color=color, label=label)
+        for key, style in zip(ACC_KEYS, ("-", ":"), strict=True) if has_acc else ():
+            xs, ys = _series(events, "eval", key, "step")
+            if xs:
+                axes[3].plot(xs, ys, color=color, linestyle=style, marker="o", markersize=3, label=f"{label} {key}")
     ax_steps.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="loss vs steps")
     ax_tokens.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="loss vs tokens")
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
-    for ax in (ax_steps, ax_tokens, ax_lr):
+    if has_acc:
+        axes[3].set(xlabel="optimizer step", ylabel="accuracy", title="multiple choice (train.choice_eval)")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(output)
-    return f"wrote {output}"
+    created = None if output.parent.is_dir() else output.parent  # made below, and said so in the result line
+    tmp = rundir.temp_path(output.parent, output.name)
+    try:
+        with writing(output, "--output"):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(tmp, dpi=110, format="png")
+            tmp.replace(output)
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # left only when saving failed
+    return f"wrote {output}" + (f" (created the directory {created})" if created else "")

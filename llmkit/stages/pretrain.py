@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmkit import models, rundir
+from llmkit import dist, models, rundir
 from llmkit.data.lm import check_lm_data, lm_train_data
+from llmkit.data.splits import builtin_validation_warning
+from llmkit.metrics.choice_tasks import with_choice_eval
 from llmkit.recipes import PretrainRecipe
+from llmkit.scaling.shapes import sized_recipe
 from llmkit.training.loop import fit
 
 
@@ -21,15 +24,28 @@ def check(recipe: PretrainRecipe, overwrite: bool = False) -> None:
     """Checks that read no weights and no data: the run directory and the data sources."""
     rundir.check_run_dir(recipe, overwrite=overwrite)
     check_lm_data(recipe)
+    warning = builtin_validation_warning(recipe.data)
+    if warning:
+        dist.log(warning)
 
 
 def run(recipe: PretrainRecipe, overwrite: bool = False) -> dict[str, Any]:
     """`llmkit pretrain RECIPE`: build the tokenizer, model and packed data from the recipe, then `fit`."""
-    # 1. Cheap checks first: a refused run directory or a missing file fails before any work.
-    check(recipe, overwrite)
-    # 2. Tokenizer, model (seeded by train.seed), packed blocks (tokenized once, cached).
-    tokenizer = models.load_tokenizer(recipe.tokenizer)
-    model = models.build_model(recipe, tokenizer)
-    data = lm_train_data(recipe, tokenizer)
-    # 3. The shared loop.
-    return fit(recipe, model, tokenizer, data, overwrite=overwrite)
+    # 1. Cheap checks first: a run directory in use, unwritable or refused, or a missing file, fails before any work.
+    with rundir.locked(recipe.output_dir):
+        # The size dial (model.target_params / model.depth) becomes explicit model.* sizes first, so that
+        # recipe.yaml, and the resume check against it, name the model that is built.
+        tokenizer = None
+        if recipe.model.has_size_dial:
+            tokenizer = models.load_tokenizer(recipe.tokenizer)
+            recipe = sized_recipe(recipe, models.padded_vocab_size(len(tokenizer)))
+        check(recipe, overwrite)
+        # 2. Tokenizer, model (seeded by train.seed), packed blocks (tokenized once, cached).
+        if tokenizer is None:
+            tokenizer = models.load_tokenizer(recipe.tokenizer)
+        # train.choice_eval's questions are read (and a bad record refused) before the model is built.
+        extra_eval = with_choice_eval(None, recipe.train.choice_eval, tokenizer)
+        model = models.build_model(recipe, tokenizer)
+        data = lm_train_data(recipe, tokenizer)
+        # 3. The shared loop.
+        return fit(recipe, model, tokenizer, data, extra_eval=extra_eval, overwrite=overwrite)

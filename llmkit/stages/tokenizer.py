@@ -27,16 +27,16 @@ in `output_dir` is refused unless `overwrite=True` (`--overwrite`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmkit import __version__, rundir
-from llmkit.data.sources import check_sources, fingerprint, iter_texts
-from llmkit.data.splits import held_out
+from llmkit.data.sources import check_sources, decoding_settings, fingerprint, iter_texts
+from llmkit.data.splits import builtin_validation_warning, held_out
 from llmkit.errors import RecipeError, RunDirError
 from llmkit.recipes import TokenizerRecipe, TokenizerSpec
 
@@ -60,6 +60,8 @@ one 1 MB document would encode on a single core."""
 BATCH_DOCS = 1000
 BATCH_CHARS = 8_000_000
 """Documents go to the trainer in batches of at most this many documents / characters."""
+PROGRESS_SECONDS = 10.0
+"""While the corpus is read, a progress line every this many seconds."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,25 +77,32 @@ def run(recipe: TokenizerRecipe, overwrite: bool = False) -> dict:
     output_dir = Path(recipe.output_dir)
     sources = list(recipe.data.train) + list(recipe.data.validation or [])
     check_sources(sources)  # missing files and unknown built-ins fail here, before any work
-    data_fingerprint = fingerprint(sources, text_field=recipe.data.text_field, max_samples=recipe.data.max_samples)
+    warning = builtin_validation_warning(recipe.data)
+    if warning:
+        print(warning, file=sys.stderr)
+    data_fingerprint = fingerprint(
+        sources, text_field=recipe.data.text_field, max_samples=recipe.data.max_samples,
+        **decoding_settings(recipe.data.encoding_errors),
+    )
     finished = _finished_report(recipe, data_fingerprint, overwrite)
     if finished is not None:
         print(f"tokenizer already trained in {output_dir} with this recipe and data; pass --overwrite to retrain")
         return finished
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    try:
-        report = _train_into(recipe, special, tmp_dir)
-        report["data_fingerprint"] = data_fingerprint
-        (tmp_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        rundir.write_resolved(recipe, tmp_dir)
-        rundir.publish_dir(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    # The whole output_dir is replaced at the end, so its lock sits beside it, where the temporary
+    # directory goes too (taking the lock proves that place writable before training starts).
+    with rundir.locked(output_dir, beside=True):
+        tmp_dir = rundir.temp_path(output_dir.parent, output_dir.name)  # also removes those of killed runs
+        tmp_dir.mkdir()
+        try:
+            report = _train_into(recipe, special, tmp_dir)
+            report["data_fingerprint"] = data_fingerprint
+            (tmp_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            rundir.write_resolved(recipe, tmp_dir)
+            rundir.publish_dir(tmp_dir, output_dir)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
     print(format_report(report, output_dir))
     return report
 
@@ -121,11 +130,24 @@ def _check_spec(spec: TokenizerSpec, special: list[str]) -> None:
         )
     if spec.chat_template not in (None, "default"):
         import jinja2
+        from transformers.utils.chat_template_utils import render_jinja_template
 
         try:
             jinja2.Environment().parse(spec.chat_template)
         except jinja2.TemplateSyntaxError as exc:
             raise RecipeError(f"tokenizer.chat_template: not a valid Jinja template (line {exc.lineno}: {exc.message})") from None
+        # Parsing misses unknown filters, sandbox violations and the template's own raise_exception:
+        # render it once, in transformers' sandbox, the way `llmkit generate --chat` will.
+        try:
+            render_jinja_template(
+                conversations=[[{"role": "user", "content": "Hello"}]], chat_template=spec.chat_template,
+                add_generation_prompt=True, bos_token=spec.special_tokens.bos or "", eos_token=spec.special_tokens.eos or "",
+            )
+        except Exception as exc:
+            reason = (str(exc).splitlines() or [""])[0][:200]
+            raise RecipeError(
+                f"tokenizer.chat_template: the template fails on a one-message conversation ({type(exc).__name__}: {reason}); fix it"
+            ) from None
 
 
 def _finished_report(recipe: TokenizerRecipe, data_fingerprint: str, overwrite: bool) -> dict | None:
@@ -151,8 +173,8 @@ def _finished_report(recipe: TokenizerRecipe, data_fingerprint: str, overwrite: 
 # --------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(spec: TokenizerSpec, special: list[str]):
-    """An untrained `tokenizers.Tokenizer` and its trainer for the spec."""
+def build_tokenizer(spec: TokenizerSpec, special: list[str], show_progress: bool = False):
+    """An untrained `tokenizers.Tokenizer` and its trainer for the spec (`show_progress`: the trainer's own bars)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     steps = {"none": [], "nfc": [normalizers.NFC()], "nfkc": [normalizers.NFKC()]}[spec.normalization]
@@ -168,7 +190,7 @@ def build_tokenizer(spec: TokenizerSpec, special: list[str]):
             min_frequency=spec.min_frequency,
             special_tokens=special,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=show_progress,
         )
     elif spec.type == "unigram":
         tokenizer = Tokenizer(models.Unigram())
@@ -181,7 +203,7 @@ def build_tokenizer(spec: TokenizerSpec, special: list[str]):
             vocab_size=spec.vocab_size - 256,  # room for the byte-fallback pieces added after training
             special_tokens=special,
             unk_token=spec.special_tokens.unk,
-            show_progress=False,
+            show_progress=show_progress,
         )
     else:
         tokenizer = Tokenizer(models.WordPiece(unk_token=spec.special_tokens.unk))
@@ -192,7 +214,7 @@ def build_tokenizer(spec: TokenizerSpec, special: list[str]):
             min_frequency=spec.min_frequency,
             special_tokens=special,
             continuing_subword_prefix="##",
-            show_progress=False,
+            show_progress=show_progress,
         )
     if steps:
         tokenizer.normalizer = normalizers.Sequence(steps)
@@ -273,6 +295,7 @@ class _Stream:
         self.docs = 0
         self.bytes = 0
         self.error: BaseException | None = None
+        self.started = self.reported = time.perf_counter()
 
     def batches(self) -> Iterator[list[str]]:
         """Lists of documents for the trainer; a 1/HELDOUT_EVERY share of documents held out when asked."""
@@ -280,7 +303,7 @@ class _Stream:
         batch: list[str] = []
         chars = 0
         try:
-            for index, text in enumerate(iter_texts(data.train, data.text_field, data.max_samples)):
+            for index, text in enumerate(iter_texts(data.train, data.text_field, data.max_samples, data.encoding_errors)):
                 if self.hold_out and self._take_heldout(index, text):
                     continue
                 self.docs += 1
@@ -290,6 +313,7 @@ class _Stream:
                 if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
                     yield batch
                     batch, chars = [], 0
+                    self._progress()
         except GeneratorExit:
             raise
         except BaseException as exc:  # re-raised as is by _train_into once the trainer has returned
@@ -297,6 +321,21 @@ class _Stream:
             return
         if batch:
             yield batch
+        # What follows is the trainer's own work (merges for BPE; EM rounds for unigram, often the longer part).
+        spec = self.recipe.tokenizer
+        print(
+            f"tokenizer: read {self.docs:,} documents ({self.bytes / 1e6:,.1f} MB) in {time.perf_counter() - self.started:.0f} s; "
+            f"training the {spec.type} model (vocab {spec.vocab_size:,}) on them...",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _progress(self) -> None:
+        """A line on stderr every PROGRESS_SECONDS while the corpus is read (none for a corpus read in less)."""
+        now = time.perf_counter()
+        if now - self.reported >= PROGRESS_SECONDS:
+            self.reported = now
+            print(f"tokenizer: reading the corpus: {self.docs:,} documents ({self.bytes / 1e6:,.1f} MB) so far...", file=sys.stderr, flush=True)
 
     def _take_heldout(self, index: int, text: str) -> bool:
         if not held_out(index, 1 / HELDOUT_EVERY):
@@ -333,11 +372,13 @@ def _report_sample(recipe: TokenizerRecipe, stream: _Stream) -> tuple[list[str],
     data = recipe.data
     if data.validation is not None:
         # heldout_docs = 0 cannot mean "measure nothing" here: fall back to 200 documents
-        return _take_sample(iter_texts(data.validation, data.text_field, data.heldout_docs or 200)), "data.validation"
+        texts = iter_texts(data.validation, data.text_field, data.heldout_docs or 200, data.encoding_errors)
+        return _take_sample(texts), "data.validation"
     if stream.heldout:
         return stream.heldout, f"1 in {HELDOUT_EVERY} training documents, held out (llmkit/data/splits.py)"
     # heldout_docs = 0 or a corpus too small to hold any out: say the numbers are in-sample
-    return _take_sample(iter_texts(data.train, data.text_field, 200)), "training documents (in-sample: nothing was held out)"
+    texts = iter_texts(data.train, data.text_field, 200, data.encoding_errors)
+    return _take_sample(texts), "training documents (in-sample: nothing was held out)"
 
 
 def _train_into(recipe: TokenizerRecipe, special: list[str], out_dir: Path) -> dict:
@@ -346,7 +387,9 @@ def _train_into(recipe: TokenizerRecipe, special: list[str], out_dir: Path) -> d
     from transformers import PreTrainedTokenizerFast
 
     spec = recipe.tokenizer
-    tokenizer, trainer = build_tokenizer(spec, special)
+    # The trainer's own progress bars only on a terminal (they are escape codes in a log file);
+    # the corpus-reading lines of _Stream go everywhere, so a long run is never silent.
+    tokenizer, trainer = build_tokenizer(spec, special, show_progress=sys.stderr.isatty())
     stream = _Stream(recipe)
     start = time.perf_counter()
     tokenizer.train_from_iterator(stream.batches(), trainer=trainer)

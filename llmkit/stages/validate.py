@@ -7,9 +7,12 @@ Builds no weights and reads no data: the model is instantiated on the meta devic
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from llmkit.data.mixture import mixture_of
 from llmkit.data.sources import source_names
+from llmkit.data.splits import builtin_validation_warning
 from llmkit.errors import ModelError
 from llmkit.models import (
     VOCAB_MULTIPLE,
@@ -21,7 +24,17 @@ from llmkit.models import (
     parameter_counts,
     special_token_ids,
 )
-from llmkit.recipes import EvalRecipe, FinetuneRecipe, PretrainRecipe, Recipe, TokenizerRecipe, recipe_to_yaml
+from llmkit.recipes import (
+    EvalRecipe,
+    FinetuneRecipe,
+    PretrainRecipe,
+    Recipe,
+    ScaleRecipe,
+    TokenizerRecipe,
+    recipe_to_yaml,
+)
+from llmkit.scaling.shapes import sized_recipe
+from llmkit.stages import scale
 
 
 def describe_plan(recipe: Recipe) -> str:
@@ -37,6 +50,8 @@ def describe_plan(recipe: Recipe) -> str:
         )
     if isinstance(recipe, (PretrainRecipe, FinetuneRecipe)):
         return "\n".join(plan_lines(recipe))
+    if isinstance(recipe, ScaleRecipe):
+        return "\n".join(scale.plan_lines(recipe))
     if isinstance(recipe, EvalRecipe):
         return "\n".join(
             [
@@ -81,6 +96,16 @@ def plan_lines(recipe) -> list[str]:
         counts.pop("trainable", None)
     lines = [f"stage:            {recipe.stage} ({config.model_type} {source})"]
     lines += model_summary_lines(config, counts, recipe)
+    if isinstance(recipe, PretrainRecipe) and recipe.data.is_mixture:
+        mix = mixture_of(recipe.data)
+        lines.append("mixture:          " + ", ".join(f"{label} {share:.1%}" for label, share in zip(mix.labels, mix.shares, strict=True))
+                     + " of the tokens (weights normalised)")
+    spec = recipe.model
+    if spec.target_params is not None:
+        got = counts[spec.param_convention]
+        lines.append(f"size dial:        target_params {spec.target_params:,} {spec.param_convention} -> {got:,} ({got / spec.target_params - 1:+.1%})")
+    elif spec.depth is not None:
+        lines.append(f"size dial:        depth {spec.depth}, aspect_ratio {spec.aspect_ratio}")
     if note:
         lines.append(f"vocab:            {note}")
     lines.append(f"output_dir:       {recipe.output_dir}")
@@ -89,5 +114,11 @@ def plan_lines(recipe) -> list[str]:
 
 def run(recipe: Recipe) -> str:
     """`llmkit validate RECIPE`: the resolved recipe and its plan, as printed text."""
+    if isinstance(recipe, PretrainRecipe):
+        recipe = sized_recipe(recipe, _plan_vocab(recipe)[0])  # the size dial as the explicit sizes training builds
     plan = describe_plan(recipe)  # before printing anything: a plan that fails prints one error line only
+    data = getattr(recipe, "data", None)
+    warning = builtin_validation_warning(data) if hasattr(data, "train") else None
+    if warning:
+        print(warning, file=sys.stderr)
     return f"{recipe_to_yaml(recipe).rstrip()}\n\n# plan\n{plan}"

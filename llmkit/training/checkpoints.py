@@ -14,13 +14,16 @@ Layout of one checkpoint, `output_dir/checkpoints/step-00000100/`:
 
 It is written under `checkpoints/.tmp-step-00000100/`, completed with the COMPLETE marker and then
 renamed, so a kill at any moment leaves either the old set of checkpoints or the new one. Rotation
-deletes old checkpoints only after the new one is complete. Under FSDP the model and optimizer go
-through accelerate's FSDP savers (full or sharded state dict, read back with weights_only=True);
-under DeepSpeed through the engine's own save_checkpoint/load_checkpoint.
+deletes old checkpoints only after the new one is complete; a run that resumes with a lower
+train.keep_checkpoints deletes the surplus at once, so a disk with room for only that many can go on.
+A full disk stops the run with one line (DiskError) and the partial checkpoint deleted.
+Under FSDP the model and optimizer go through accelerate's FSDP savers (full or sharded state
+dict, read back with weights_only=True); under DeepSpeed through the engine's own save_checkpoint/load_checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.dist import distributed_kind
-from llmkit.errors import RunDirError
+from llmkit.errors import RunDirError, disk_error, disk_problem
 from llmkit.rundir import CHECKPOINTS, MARKER, PREFIX, complete_checkpoints, fsync_dir, step_dir_name
 
 
@@ -85,7 +88,40 @@ def trainable_state_dict(model) -> dict:
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, output_dir: Path, keep: int) -> Path:
-    """Write a complete checkpoint for state["step"] atomically, then delete all but the newest `keep`."""
+    """Write a complete checkpoint for state["step"] atomically, then delete all but the newest `keep`.
+
+    A full (or read-only) disk raises DiskError naming the checkpoints directory, the space a checkpoint
+    takes and train.keep_checkpoints, after deleting the partial checkpoint; the older ones are intact.
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    try:
+        return _write_checkpoint(accelerator, model, optimizer, scheduler, state, output_dir, keep)
+    except Exception as exc:
+        problem = disk_problem(exc)
+        if problem is None:
+            raise
+        shutil.rmtree(root / f".tmp-{step_dir_name(state['step'])}", ignore_errors=True)  # give the space back
+        found = complete_checkpoints(output_dir)
+        kept = f"the checkpoints up to {found[-1][1].name} are intact" if found else "no checkpoint was written yet"
+        if problem[0] in (errno.ENOSPC, errno.EDQUOT):
+            fix = (f"{kept}; free some space or lower train.keep_checkpoints (now {keep}; the surplus is deleted "
+                   "when the run resumes, before it saves), then run the same command again")
+        else:
+            fix = f"{kept}; make it writable, then run the same command again"
+        needed = _tree_bytes(found[-1][1]) if found else _estimated_bytes(model)
+        raise disk_error(exc, root, f"writing {step_dir_name(state['step'])} to", fix, needed) from None
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _estimated_bytes(model) -> int:
+    """Weights plus two Adam moments of the trainable parameters: what one checkpoint holds."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def _write_checkpoint(accelerator, model, optimizer, scheduler, state: dict, output_dir: Path, keep: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -111,7 +147,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, outpu
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         weights = {k: v.contiguous().cpu() for k, v in trainable_state_dict(unwrapped).items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        # Through a Python file object, so a full disk surfaces as the OSError behind torch's RuntimeError.
+        with open(tmp / "optimizer.pt", "wb") as f:
+            torch.save(optimizer.state_dict(), f)
 
     rank = accelerator.process_index
     py, tensors = _rng_state()
@@ -203,9 +241,83 @@ def safe_torch_load(path: Path) -> Any:
         ) from None
 
 
+def _corrupt(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupt ({problem}); delete {path.parent} to resume from an older one")
+
+
+_JSON_KIND = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _JSON_KIND.get(type(value), type(value).__name__)
+
+
+def _shape_problem(expected: Any, saved: Any, where: str = "") -> str | None:
+    """How `saved` (read from JSON) differs in shape from `expected` (what this run writes), or None.
+
+    Every key of `expected` (extra keys are allowed: an older torch may have written them), same
+    list lengths, same kinds of values (a float may be written as an integer); a None in `expected`
+    accepts anything, since a value that is unset now may be set in a checkpoint.
+    """
+    at = f" at {where}" if where else ""
+    if expected is None:
+        return None
+    if isinstance(expected, bool) or isinstance(saved, bool):
+        return None if isinstance(expected, bool) and isinstance(saved, bool) else f"expected {_kind(expected)}{at}, got {_kind(saved)}"
+    if isinstance(expected, (int, float)):
+        ok = isinstance(saved, int) if isinstance(expected, int) else isinstance(saved, (int, float))
+        return None if ok else f"expected {_kind(expected)}{at}, got {_kind(saved)}"
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(saved, list):
+            return f"expected an array{at}, got {_kind(saved)}"
+        if len(saved) != len(expected):
+            return f"expected {len(expected)} values{at}, got {len(saved)}"
+        return next((p for i, (e, v) in enumerate(zip(expected, saved, strict=True)) if (p := _shape_problem(e, v, f"{where}[{i}]"))), None)
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict):
+            return f"expected an object{at}, got {_kind(saved)}"
+        absent = [k for k in expected if k not in saved]
+        if absent:
+            return f"no key {absent[0]!r}{at}"
+        return next((p for k in expected if (p := _shape_problem(expected[k], saved[k], f"{where}.{k}" if where else str(k)))), None)
+    return None if isinstance(saved, type(expected)) else f"expected {_kind(expected)}{at}, got {_kind(saved)}"
+
+
+def _read_json_like(path: Path, expected: Any) -> Any:
+    """JSON that must have the shape of `expected` (the state this run would write); CheckpointError if not."""
+    saved = _read_json(path)
+    problem = _shape_problem(expected, saved)
+    if problem is not None:
+        raise _corrupt(path, problem)
+    return saved
+
+
 def read_trainer_state(path: Path) -> dict:
-    """The trainer_state.json of a checkpoint directory."""
-    return _read_json(Path(path) / "trainer_state.json")
+    """The trainer_state.json of a checkpoint directory, checked: counters are non-negative integers, step matches."""
+    file = Path(path) / "trainer_state.json"
+    state = _read_json(file)
+    if not isinstance(state, dict):
+        raise _corrupt(file, f"expected an object, got {_kind(state)}")
+    for key in ("step", "tokens", "skipped_steps", "world_size"):
+        value = state.get(key, 0)
+        if key in ("step", "tokens") and key not in state:
+            raise _corrupt(file, f"no {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _corrupt(file, f"{key!r} must be a non-negative integer, got {value!r}")
+    for key in ("val_loss", "val_ppl"):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise _corrupt(file, f"{key!r} must be a number or null, got {value!r}")
+    position = state.get("stream_position")
+    if position is not None and not (
+        isinstance(position, dict)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in position.values())
+    ):
+        raise _corrupt(file, f"'stream_position' must be null or an object of non-negative integers, got {position!r}")
+    named = Path(path).name[len(PREFIX) :] if Path(path).name.startswith(PREFIX) else ""
+    if named.isdigit() and int(named) != state["step"]:
+        raise _corrupt(file, f"'step' is {state['step']} in the checkpoint of step {int(named)}")
+    return state
 
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
@@ -229,26 +341,59 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
         params = dict(unwrapped.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
         unexpected = [n for n in weights if n not in params]
-        if missing or unexpected:
+        resized = [n for n in weights if n in params and tuple(weights[n].shape) != tuple(params[n].shape)]
+        if missing or unexpected or resized:
             raise CheckpointError(
                 f"{path / 'model.safetensors'}: does not match the model "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it written by another recipe?"
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {resized[:3]}); was it written by another recipe?"
             )
         import torch
 
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
-        optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
-    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+        _load_optimizer(optimizer, path / "optimizer.pt")
+    _load_json_state(scheduler, path / "scheduler.json")
+    if scheduler.last_epoch != state["step"]:  # the loop steps the schedule once per optimizer step
+        raise _corrupt(path / "scheduler.json", f"'last_epoch' is {scheduler.last_epoch}, the checkpoint is of step {state['step']}")
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and (path / "scaler.json").is_file():
-        scaler.load_state_dict(_read_json(path / "scaler.json"))
+        _load_json_state(scaler, path / "scaler.json")
     rank = accelerator.process_index
     rng_json = path / f"rng-rank{rank}.json"
     if rng_json.is_file():
-        _set_rng_state(_read_json(rng_json), _read_safetensors(path / f"rng-rank{rank}.safetensors"))
+        expected_py, _ = _rng_state()
+        py = _read_json_like(rng_json, expected_py)
+        tensors = _read_safetensors(path / f"rng-rank{rank}.safetensors")
+        try:
+            _set_rng_state(py, tensors)
+        except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as exc:
+            names = f"{rng_json.name} / {rng_json.with_suffix('.safetensors').name}"
+            raise _corrupt(rng_json, f"{names} hold no valid RNG state: {type(exc).__name__}: {str(exc)[:120]}") from None
     return state
+
+
+def _load_json_state(obj, path: Path) -> None:
+    """obj.load_state_dict of a JSON file, checked against the shape of obj's own state first."""
+    saved = _read_json_like(path, obj.state_dict())
+    try:
+        obj.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(path, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+
+
+def _load_optimizer(optimizer, path: Path) -> None:
+    """optimizer.load_state_dict of optimizer.pt, refusing one of another model (groups, sizes) with one line."""
+    saved = safe_torch_load(path)
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _corrupt(path, f"does not match this model's optimizer: {type(exc).__name__}: {str(exc)[:120]}") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if getattr(value, "dim", None) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                    raise _corrupt(path, f"its {name} of shape {tuple(value.shape)} is for a parameter of another shape {tuple(param.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------

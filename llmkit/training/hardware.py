@@ -4,12 +4,19 @@
 
 MFU = achieved model FLOP/s / peak FLOP/s. The peak, in this order: LLMKIT_PEAK_FLOPS; for a known
 GPU in bf16/fp16, its datasheet dense tensor-core number; otherwise a matmul probe on the device
-(the best of several repeats of two sizes). The training log says which one it used. A probe on a
-busy machine can read low, so the loop also never lets MFU read above 100% (see training/loop.py).
+(the best of several repeats of two sizes). The training log says which one it used, and
+summary.json records it (peak_flops, peak_source).
+
+MFU in metrics.jsonl never reads above 1.0 (training/loop.py `_log_train`). A probe is only a lower
+bound of the peak (a busy machine reads low), so when training outruns it the probe is raised to
+what training reached. A peak the user gave (LLMKIT_PEAK_FLOPS) or a datasheet number is never
+changed: if training outruns it, the log warns once that the peak is too low, and `mfu` is written
+as null rather than as an impossible fraction.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +44,8 @@ class Peak:
 
     flops: float
     source: str
+    kind: str = "probe"
+    """"env" (LLMKIT_PEAK_FLOPS), "datasheet" or "probe"; only a probe is raised to what training reaches."""
 
     @property
     def description(self) -> str:
@@ -90,12 +99,19 @@ def peak_flops(device, mixed_precision: str) -> Peak:
     """The peak MFU is reported against (see the module docstring for the order)."""
     import torch
 
-    if os.environ.get("LLMKIT_PEAK_FLOPS"):
-        return Peak(float(os.environ["LLMKIT_PEAK_FLOPS"]), "LLMKIT_PEAK_FLOPS")
+    given = os.environ.get("LLMKIT_PEAK_FLOPS", "").strip()
+    if given:
+        try:
+            flops = float(given)
+        except ValueError:
+            flops = float("nan")
+        if not math.isfinite(flops) or flops <= 0:
+            raise RecipeError(f"LLMKIT_PEAK_FLOPS={given!r}: not a positive number of FLOP/s; write it like 989e12, or unset it")
+        return Peak(flops, "LLMKIT_PEAK_FLOPS", "env")
     if device.type == "cuda" and mixed_precision in ("bf16", "fp16"):
         name = torch.cuda.get_device_name(device)
         sheet = datasheet_peak(name)
         if sheet is not None:
-            return Peak(sheet, f"{name} datasheet, dense {mixed_precision}")
+            return Peak(sheet, f"{name} datasheet, dense {mixed_precision}", "datasheet")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     return Peak(probe_peak_flops(device, dtype), f"measured matmul peak on {device}, {str(dtype).removeprefix('torch.')}")

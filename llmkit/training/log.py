@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit import rundir
+from llmkit.errors import writing
 
 
 def flat_config(recipe) -> dict[str, Any]:
@@ -66,7 +67,7 @@ class MetricsLog:
         if not self.accelerator.is_main_process:
             return
         event = {"time": round(time.time(), 3), **event}
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
         numbers = {f"{event['event']}/{k}": v for k, v in event.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self.accelerator.trackers:

@@ -14,7 +14,9 @@ Contract for callers (llmkit/stages/pretrain.py and llmkit/stages/finetune.py):
    the final Hugging Face model at the top of `output_dir`.
 
 Call `llmkit.rundir.check_run_dir(recipe, overwrite)` yourself before loading anything heavy, so
-that a refused run directory fails fast; `fit` checks it again before writing.
+that a refused run directory fails fast; `fit` checks it again before writing. `fit` holds the
+run-directory lock (`llmkit.rundir.locked`) from then to its last write; a stage that takes it
+first (to fail fast on a directory in use or unwritable) keeps holding it, since the lock nests.
 
 Randomness: after `set_seed` the global RNGs drive only the model (dropout). Everything else that
 needs randomness draws from its own generator (the batch order from (seed, epoch), the DataLoader,
@@ -33,8 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmkit import dist, rundir
+from llmkit import dist, errors, rundir
 from llmkit.data.batches import TrainData
+from llmkit.data.mixture import report_lines
 from llmkit.errors import Interrupted, RecipeError, TrainingError
 from llmkit.models import (
     flops_per_token,
@@ -43,12 +46,13 @@ from llmkit.models import (
     save_hf_model,
     write_model_card,
 )
+from llmkit.recipes import check_wsd
 from llmkit.training import checkpoints
-from llmkit.training.hardware import peak_flops, resolve_mixed_precision
+from llmkit.training.hardware import Peak, peak_flops, resolve_mixed_precision
 from llmkit.training.log import MetricsLog, available_trackers, flat_config, progress_bar
-from llmkit.training.loss import evaluate_loss, make_sum_nll, scored_and_input_tokens
+from llmkit.training.loss import evaluate_loss_by_part, make_sum_nll, scored_and_input_tokens
 from llmkit.training.microbatches import MicroBatches, to_device
-from llmkit.training.optim import lr_multiplier, make_optimizer
+from llmkit.training.optim import describe_optimizer, lr_multiplier, make_optimizer
 from llmkit.training.signals import StopSignals
 
 ExtraEval = Callable[[Any, int], dict[str, float]]
@@ -76,6 +80,7 @@ class TrainState:
     stream_position: dict | None = None
     val_loss: float | None = None
     val_ppl: float | None = None
+    max_steps: int | None = None  # the schedule's length when the checkpoint was written (None: older checkpoints)
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
@@ -128,12 +133,13 @@ class Run:
     mixed_precision: str
     counts: dict[str, int]
     flops_per_token: int
-    peak_flops: float
+    peak: Peak
     resume_from: Path | None
     start_step: int
     state: TrainState
     config: Any
     use_cache: bool | None
+    warned_peak: bool = False
 
     @property
     def cfg(self):
@@ -168,12 +174,14 @@ def fit(
     Raises llmkit.errors.Interrupted after saving a checkpoint when a signal stops the run, and
     TrainingError on a non-finite loss, naming the step.
     """
-    # 1. Run directory, accelerator, model, optimizer, schedule; resume.
-    run = _setup(recipe, model, data, overwrite)
-    # 2. Train, evaluating, logging and checkpointing as the recipe says.
-    summary = _train(run, data, extra_eval)
-    # 3. Final model in Hugging Face format, model card, summary.
-    return _finish(run, tokenizer, data, save_final, summary)
+    # One run per directory: the lock is held until the last file is written (a no-op when the stage holds it).
+    with rundir.locked(recipe.output_dir):
+        # 1. Run directory, accelerator, model, optimizer, schedule; resume.
+        run = _setup(recipe, model, data, overwrite)
+        # 2. Train, evaluating, logging and checkpointing as the recipe says.
+        summary = _train(run, data, extra_eval)
+        # 3. Final model in Hugging Face format, model card, summary.
+        return _finish(run, tokenizer, data, save_final, summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +211,11 @@ def _max_steps(recipe, world: int) -> int:
     max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / tokens_per_step)
     if cfg.warmup_steps > max_steps:
         raise RecipeError(f"train.warmup_steps ({cfg.warmup_steps}) is larger than the {max_steps} steps of train.max_tokens")
+    if cfg.schedule == "wsd":
+        try:
+            check_wsd(cfg.warmup_steps, max_steps, cfg.decay_fraction)
+        except ValueError as exc:
+            raise RecipeError(f"{exc} (from train.max_tokens)") from None
     return max_steps
 
 
@@ -221,6 +234,28 @@ def _prepare_model(model, cfg):
         # infers per-document attention from restarting position ids (data.doc_masking: attention).
         config.use_cache = False
     return use_cache
+
+
+def _warn_stretched_schedule(state: TrainState, max_steps: int, multiplier, cfg) -> None:
+    """Say so on stderr when a resumed run's schedule is not the one its checkpoint was trained on.
+
+    train.max_steps (and max_tokens) are resumable, so raising them on a finished run trains on from
+    its last checkpoint; but the schedule is a function of max_steps, so it stretches to the new
+    length and the learning rate at the resume step jumps (for cosine, back up from min_lr).
+    """
+    import sys
+
+    if state.max_steps is None or state.max_steps == max_steps or cfg.schedule == "constant":
+        return
+    before = cfg.lr * multiplier.func(state.step, **{**multiplier.keywords, "max_steps": state.max_steps})
+    after = cfg.lr * multiplier(state.step)
+    print(
+        f"warning: the checkpoint at step {state.step} was trained for {state.max_steps} steps, this run has {max_steps}: "
+        f"the {cfg.schedule} schedule stretches to {max_steps} steps, so the learning rate goes from {before:.3g} to "
+        f"{after:.3g} at step {state.step}; set train.max_steps={state.max_steps} to keep the old schedule",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _configure_deepspeed(accelerator, cfg) -> None:
@@ -248,21 +283,30 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
     accelerator = _accelerator(cfg, output_dir, mixed_precision, trackers)
     world = accelerator.num_processes
     max_steps = _max_steps(recipe, world)
+    kind = dist.distributed_kind(accelerator)
+    if cfg.optimizer == "muon" and kind != "plain":
+        raise RecipeError(
+            f"train.optimizer: muon orthogonalizes whole weight matrices, which {'FSDP' if kind == 'fsdp' else 'DeepSpeed'} "
+            "shards across processes; use train.optimizer: adamw there, or DDP (recipes/accelerate/multi_gpu.yaml) with muon"
+        )
 
     # 1b. The data position comes from the checkpoint's trainer state; building the batch iterator
     #     here also rejects data too small for one optimizer step before anything is written.
     state = TrainState.from_checkpoint(checkpoints.read_trainer_state(resume_from)) if resume_from else TrainState()
     batches = MicroBatches(data, cfg, accelerator.process_index, world, accelerator.device, state.step, state.stream_position)
-    if accelerator.is_main_process:
-        if resume_from is None:
-            rundir.clear_run_dir(output_dir)
+    # Measured before seeding: the probe must not consume the RNG streams that resume restores (and
+    # before writing: a malformed LLMKIT_PEAK_FLOPS is bad input).
+    peak = peak_flops(accelerator.device, mixed_precision)
+    if accelerator.is_main_process and resume_from is None:
+        rundir.clear_run_dir(output_dir)  # all of an earlier run goes, its final model included
         rundir.write_resolved(recipe, output_dir)
     accelerator.wait_for_everyone()
-    # Measured before seeding: the probe must not consume the RNG streams that resume restores.
-    peak = peak_flops(accelerator.device, mixed_precision)
     set_seed(cfg.seed, device_specific=True)  # per-process dropout streams; the data order has its own seed
     if trackers:
         accelerator.init_trackers(output_dir.name, config=flat_config(recipe))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":  # accelerate writes it under output_dir/<run name>
+                accelerator.print(f"tensorboard:      {tracker.logging_dir} (view: tensorboard --logdir {output_dir})")
 
     # 1c. Model, optimizer, schedule. The scheduler is stepped by hand once per optimizer step
     #     (accelerate's prepared scheduler would step once per process).
@@ -271,11 +315,14 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
     fpt = flops_per_token(config, counts["matmul"], recipe.data.seq_len)
     use_cache = _prepare_model(model, cfg)
     optimizer = make_optimizer(model, cfg)
+    optimizer_line = describe_optimizer(optimizer)
+    # One multiplier for every group: AdamW's groups start from train.lr, Muon's from train.muon_lr.
     multiplier = functools.partial(
-        lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=max_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr / cfg.lr
+        lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=max_steps, schedule=cfg.schedule,
+        min_ratio=cfg.min_lr / cfg.lr, decay_fraction=cfg.decay_fraction,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-    if dist.distributed_kind(accelerator) == "deepspeed":
+    if kind == "deepspeed":
         _configure_deepspeed(accelerator, cfg)
     if cfg.compile:
         model = torch.compile(model)
@@ -285,6 +332,15 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
     if resume_from is not None:
         state = TrainState.from_checkpoint(checkpoints.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
         accelerator.print(f"resuming from {resume_from} (step {state.step}, {state.tokens:,} tokens)")
+        if accelerator.is_main_process:
+            _warn_stretched_schedule(state, max_steps, multiplier, cfg)
+            # Only once the checkpoint has loaded: a corrupt one must leave the directory as it was.
+            rundir.write_resolved(recipe, output_dir)  # resumable keys may have changed
+            rundir.remove_interrupted_writes(output_dir)
+            # A lowered train.keep_checkpoints frees its space now, before the next save needs it.
+            checkpoints.rotate(output_dir, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+    state.max_steps = max_steps
     log = MetricsLog(accelerator, output_dir / "metrics.jsonl", state.step if resume_from is not None else None)
 
     # 1e. What this run is, in a few lines.
@@ -292,11 +348,12 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
         for line in model_summary_lines(config, counts, recipe, world_size=world, max_steps=max_steps):
             accelerator.print(line)
         accelerator.print(f"data:             {data.description}")
+        accelerator.print(f"optimizer:        {optimizer_line}")
         accelerator.print(f"precision:        {mixed_precision}; {peak.description}")
     return Run(
         recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
         batches=batches, log=log, sum_nll=make_sum_nll(accelerator, model, cfg), max_steps=max_steps,
-        mixed_precision=mixed_precision, counts=counts, flops_per_token=fpt, peak_flops=peak.flops,
+        mixed_precision=mixed_precision, counts=counts, flops_per_token=fpt, peak=peak,
         resume_from=resume_from, start_step=state.step, state=state, config=config, use_cache=use_cache,
     )
 
@@ -365,17 +422,28 @@ def _log_train(run: Run, window: Window, result: StepResult, bar) -> float:
     """Write the train event of the window that ends at this step; returns its loss."""
     elapsed = time.perf_counter() - window.started
     tokens_per_s = window.tokens / max(elapsed, 1e-9)
-    # A probe taken on a busy machine can underestimate the peak; what training reached is a lower
-    # bound of it, so MFU never reads above 100%.
-    run.peak_flops = max(run.peak_flops, run.flops_per_token * tokens_per_s)
-    mfu = run.flops_per_token * tokens_per_s / run.peak_flops
+    achieved = run.flops_per_token * tokens_per_s
+    peak = run.peak
+    if peak.kind == "probe":
+        # A probe taken on a busy machine can underestimate the peak; what training reached is a
+        # lower bound of it, so MFU never reads above 100%.
+        peak.flops = max(peak.flops, achieved)
+    mfu: float | None = achieved / peak.flops
+    if mfu > 1.0:
+        # A peak the user gave (or a datasheet's) is respected, never raised; but no MFU above 100%
+        # is written: it says, once, that the peak is wrong.
+        if not run.warned_peak:
+            run.warned_peak = True
+            bar.write(f"warning: training reached {achieved / 1e12:.3g} TFLOP/s, above the peak from {peak.source} "
+                      f"({peak.flops / 1e12:.3g} TFLOP/s); mfu is logged as null until the peak is corrected")
+        mfu = None
     train_loss = window.nll / max(window.scored, 1.0)
     event = {"event": "train", "step": run.state.step, "tokens": run.state.tokens, "loss": round(train_loss, 6), "lr": result.lr,
-             "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4)}
+             "tokens_per_s": round(tokens_per_s, 1), "mfu": None if mfu is None else round(mfu, 4)}
     if result.grad_norm is not None:
         event["grad_norm"] = round(result.grad_norm, 6)
     run.log.write(event)
-    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1%}", refresh=False)
     return train_loss
 
 
@@ -384,9 +452,11 @@ def _evaluate(run: Run, data: TrainData, extra_eval: ExtraEval | None, bar) -> N
     import torch
 
     state, accelerator = run.state, run.accelerator
-    val_loss, val_tokens = evaluate_loss(accelerator, run.model, data, run.cfg, run.sum_nll)
+    val_loss, val_tokens, parts = evaluate_loss_by_part(accelerator, run.model, data, run.cfg, run.sum_nll)
     event = {"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": round(val_loss, 6),
              "val_ppl": round(math.exp(min(val_loss, 700)), 4), "val_tokens": val_tokens}
+    # Named validation parts (a mixture's sources): val_loss/LABEL next to the loss over all of them.
+    event.update({f"val_loss/{label}": round(loss, 6) for label, (loss, _) in parts.items()})
     if extra_eval is not None:
         unwrapped = accelerator.unwrap_model(run.model)
         unwrapped.eval()
@@ -414,7 +484,7 @@ def _train(run: Run, data: TrainData, extra_eval: ExtraEval | None) -> dict[str,
     last_saved = state.step if run.resume_from is not None else None
     window = Window()
     bar = progress_bar(run.accelerator, run.max_steps, state.step)
-    with StopSignals() as signals:
+    with StopSignals() as signals, bar:  # an error leaves the bar closed, so its message starts a line of its own
         run.model.train()
         while state.step < run.max_steps:
             # 2a. One optimizer step (skipped when its loss is not finite).
@@ -469,17 +539,23 @@ def _save_final(accelerator, model, tokenizer, output_dir: Path, save_final: Sav
     state_dict = accelerator.get_state_dict(model) if kind != "plain" else None
     if not accelerator.is_main_process:
         return
-    staging = output_dir / ".final-tmp"
+    staging = output_dir / rundir.FINAL_STAGING
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir()
-    if save_final is not None:
-        save_final(unwrapped, tokenizer, staging)
-    elif state_dict is not None:
-        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-        save_hf_model(unwrapped, tokenizer, staging, weights=False)
-    else:
-        save_hf_model(unwrapped, tokenizer, staging)
+    try:
+        with errors.writing(output_dir, "output_dir", "free some space or make it writable, then run the same command "
+                            "again: it resumes from the last checkpoint and writes the final model"):
+            staging.mkdir()
+            if save_final is not None:
+                save_final(unwrapped, tokenizer, staging)
+            elif state_dict is not None:
+                unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+                save_hf_model(unwrapped, tokenizer, staging, weights=False)
+            else:
+                save_hf_model(unwrapped, tokenizer, staging)
+    except errors.DiskError:
+        shutil.rmtree(staging, ignore_errors=True)  # give the space back
+        raise
     for item in sorted(staging.iterdir()):
         target = output_dir / item.name
         if target.is_dir() and item.is_dir():
@@ -494,6 +570,14 @@ def _finish(run: Run, tokenizer, data: TrainData, save_final: SaveFinal | None, 
     config = run.config
     if run.use_cache is not None:
         config.use_cache = run.use_cache  # generation wants the cache back
+    mixture = None
+    if data.report is not None:
+        # What the run trained on, per source of a mixture: realised token share and epochs.
+        consumed = state.step * run.cfg.micro_batch_size * run.cfg.grad_accum_steps * accelerator.num_processes
+        mixture = data.report(consumed, state.stream_position)
+        run.log.write({"event": "mixture", "step": state.step, "tokens": state.tokens, "sources": mixture})
+        for line in report_lines(mixture, "trained"):
+            accelerator.print(line)
     _save_final(accelerator, run.model, tokenizer, run.output_dir, save_final)
     summary = {
         "val_loss": state.val_loss, "val_ppl": state.val_ppl, **summary,
@@ -501,6 +585,8 @@ def _finish(run: Run, tokenizer, data: TrainData, save_final: SaveFinal | None, 
         "resumed_from": run.start_step if run.resume_from is not None else None,
         "skipped_steps": state.skipped_steps, "parameters": run.counts["total"], "flops_per_token": run.flops_per_token,
         "model_type": getattr(config, "model_type", None), "data": data.extra,
+        "peak_flops": run.peak.flops, "peak_source": run.peak.source,
+        **({"mixture": mixture} if mixture is not None else {}),
     }
     if accelerator.is_main_process:
         write_model_card(run.output_dir, run.recipe, summary, run.counts)

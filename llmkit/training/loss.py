@@ -226,26 +226,39 @@ def evaluate_loss(accelerator, model, data: TrainData, cfg, sum_nll=None) -> tup
     Every process runs the same number of forward passes (FSDP and DeepSpeed need that): a
     process without a batch of its own re-runs batch 0 with weight zero. `sum_nll`: from make_sum_nll.
     """
+    loss, count, _ = evaluate_loss_by_part(accelerator, model, data, cfg, sum_nll)
+    return loss, count
+
+
+def evaluate_loss_by_part(accelerator, model, data: TrainData, cfg, sum_nll=None) -> tuple[float, int, dict[str, tuple[float, int]]]:
+    """(loss, scored tokens) over all validation tokens, and {label: (loss, tokens)} of each of data.validation_parts.
+
+    As `evaluate_loss`; with parts, batches stay within a part and train.eval_batches caps each part.
+    """
     sum_nll = sum_nll or make_sum_nll(accelerator, model, cfg)
 
     dataset = data.validation
     collate = data.eval_collate_fn or data.collate_fn
     size = cfg.micro_batch_size
-    batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
-    if cfg.eval_batches:
-        batches = batches[: cfg.eval_batches]
+    parts = data.validation_parts or [("", 0, len(dataset))]
+    batches: list[tuple[int, list[int]]] = []  # (part, indices)
+    for part, (_, start, end) in enumerate(parts):
+        mine = [(part, list(range(i, min(i + size, end)))) for i in range(start, end, size)]
+        batches += mine[: cfg.eval_batches] if cfg.eval_batches else mine
     world, rank = accelerator.num_processes, accelerator.process_index
     rounds = math.ceil(len(batches) / world)
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    totals = torch.zeros(len(parts), 2, dtype=torch.float64, device=accelerator.device)
     model.eval()
     with torch.no_grad():
         for r in range(rounds):
             j = r * world + rank
             weight = 1.0 if j < len(batches) else 0.0
-            batch = to_device(collate([dataset[i] for i in batches[j if weight else 0]]), accelerator.device)
+            part, indices = batches[j if weight else 0]
+            batch = to_device(collate([dataset[i] for i in indices]), accelerator.device)
             nll, count = sum_nll(batch)
-            totals += torch.stack([nll.double(), torch.as_tensor(count, dtype=torch.float64, device=accelerator.device)]) * weight
+            totals[part] += torch.stack([nll.double(), torch.as_tensor(count, dtype=torch.float64, device=accelerator.device)]) * weight
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
-    nll, count = totals.tolist()
-    return nll / max(count, 1.0), int(count)
+    nll, count = totals.sum(dim=0).tolist()
+    named = {label: (n / max(c, 1.0), int(c)) for (label, _, _), (n, c) in zip(parts, totals.tolist(), strict=True) if label}
+    return nll / max(count, 1.0), int(count), named
