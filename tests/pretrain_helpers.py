@@ -138,3 +138,14 @@ def tree_snapshot(path: Path) -> dict[str, tuple[int, int]]:
     if not path.exists():
         return {}
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_clean_error(result, *fragments: str) -> str:
+    """Exit 2, exactly one line on stderr ("error: ...") naming every fragment, no traceback; returns the line."""
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
-from pretrain_helpers import recipe_dict, run_in_process, write_corpus
+from pretrain_helpers import assert_clean_error, recipe_dict, run_in_process, write_corpus
 from typer.testing import CliRunner
 
 from llmkit.cli import app, handles_errors
@@ -31,17 +31,6 @@ runner = CliRunner()
 
 def run(*args: str, **kwargs):
     return runner.invoke(app, list(args), **kwargs)
-
-
-def assert_clean_error(result, *fragments: str) -> str:
-    """Exit 2, one line on stderr naming every fragment, no traceback; returns the line."""
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pretrain_helpers import assert_clean_error
 from typer.testing import CliRunner
 
 from llmkit.cli import app
@@ -51,16 +52,6 @@ def write(tmp_path: Path, data, name: str = "recipe.yaml") -> Path:
 
 def run(*args: str):
     return runner.invoke(app, list(args))
-
-
-def assert_clean_error(result, *fragments: str) -> None:
-    """Exit 2, one line on stderr naming every fragment, no traceback."""
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 # ------------------------------------------------------------------------------------------------
