@@ -37,7 +37,14 @@ import yaml
 from llmkit import dist
 from llmkit.errors import RecipeError
 from llmkit.models import meta_model, model_config, parameter_counts
-from llmkit.recipes import PretrainRecipe, ScaleRecipe, recipe_from_dict, resolve_recipe_path
+from llmkit.recipes import (
+    DuplicateKeyError,
+    PretrainRecipe,
+    ScaleRecipe,
+    load_yaml,
+    recipe_from_dict,
+    resolve_recipe_path,
+)
 from llmkit.scaling import laws, shapes
 from llmkit.scaling.fit import MIN_POINTS_CHINCHILLA, MIN_POINTS_ONE_VARIABLE, compute_optimal
 
@@ -116,7 +123,9 @@ def base_mapping(recipe: ScaleRecipe, keep_sizes: bool = True) -> tuple[dict[str
     """
     path = resolve_recipe_path(recipe.base, "pretrain")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"base: {path}:{exc.line}: {exc.key}: duplicate key (first at line {exc.first})") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"base: {path}: cannot read it as YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
