@@ -111,7 +111,7 @@ def test_sigterm_under_accelerate_launch_then_resume_sees_each_sample_once_per_r
     assert all(a[k].equal(b[k]) for k in a)
 
 
-def test_muon_under_ddp_matches_one_process_and_keeps_the_ranks_in_step(setup, tokenizer_dir):
+def test_muon_under_ddp_matches_one_process(setup, tokenizer_dir):
     tmp, corpus, recipe, _ = setup
     muon = dict(recipe, output_dir=str(tmp / "muon-two"), train={**recipe["train"], "max_steps": 10, "optimizer": "muon"})
     result = subprocess.run(_launch_cmd(write_recipe(tmp / "muon-two.yaml", muon)), env=subprocess_env(), capture_output=True, text=True, timeout=600)

@@ -453,6 +453,7 @@ def test_recommend_without_a_fit_uses_the_epoch_constants_and_says_so(tmp_path):
     N = G * (1e21 / 6) ** (beta / (alpha + beta))
     assert f"N* = {N:.4g}" in result.stdout
     assert f"D* = {1e21 / (6 * N):.4g}" in result.stdout
+    assert f"loss:        {E + A * N**-alpha + B * (1e21 / (6 * N)) ** -beta:.4f} predicted" in result.stdout
     assert "model:       llama," in result.stdout
 
 
@@ -498,3 +499,29 @@ def test_recommend_from_gpu_hours(tmp_path):
     result = runner.invoke(app, ["scale", "recommend", "--gpu-hours", "10", "--tokens-per-s", "1e5", "--at-params", "1e8"])
     assert result.exit_code == 0, result.output
     assert f"C = {10 * 3600 * 1e5 * 6 * 1e8:.4g} FLOPs" in result.stdout
+
+
+@pytest.mark.slow
+def test_sweep_under_accelerate_launch_writes_its_files_once(tmp_path, tokenizer_dir, corpus):
+    """Two processes (gloo on CPU): every point trains on both, the main process writes the rows, a rerun skips them."""
+    import subprocess
+    import sys
+
+    from pretrain_helpers import subprocess_env
+
+    grid = {"sizes": [4_000], "tokens": [2_560, 3_840, 5_120, 6_400]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_sweep_dict(tmp_path, tokenizer_dir, corpus, grid)))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "llmkit", "scale", "sweep", str(path),
+    ]
+    first = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["n4k_d2.56k", "n4k_d3.84k", "n4k_d5.12k", "n4k_d6.4k"]
+    # 4 sequences x 32 tokens x 2 processes per step
+    assert [(r["tokens_per_step"], r["steps"], r["D"]) for r in rows] == [(256, s, 256 * s) for s in (10, 15, 20, 25)]
+    assert first.stdout.count("next:   llmkit scale fit") == 1
+    again = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("finished, skipped") == 4

@@ -14,6 +14,7 @@ llmkit/scaling/laws.py (on llmkit/scaling/fit.py) and drawn by llmkit/scaling/pl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -139,25 +140,37 @@ def _run_point(point: planning.Point, index: int, total: int, available: int | N
         summary = pretrain.run(point.recipe)
     except LlmkitError as exc:
         raise type(exc)(f"point {point.name} ({point.recipe.output_dir}): {exc}") from None
-    _forget_accelerate_state()
     record = planning.make_record(point, summary, time.perf_counter() - started, available)
     if dist.rank() == 0:
         rundir.write_json_atomic(Path(point.recipe.output_dir) / planning.RECORD, record)
     return record
 
 
-def _forget_accelerate_state() -> None:
-    """Let the next point's Accelerator set up its processes afresh.
+@contextlib.contextmanager
+def _one_process_group():
+    """Keep a multi-process launch's process group for every point of the sweep, and end it once after the last.
 
-    The training loop ends with Accelerator.end_training(), which (accelerate 1.x) destroys the process
-    group of a multi-process launch, while accelerate's singleton state still reads as initialised: the
-    next Accelerator would skip init_process_group and its first barrier would fail ("Default process
-    group has not been initialized"). Clearing the singletons makes it initialise the group again.
+    Each point's training loop ends with Accelerator.end_training(), which (accelerate 1.x) destroys the
+    process group while accelerate's singleton state still reads as set up, so the next point's first
+    barrier fails ("Default process group has not been initialized"). Clearing that state to make the
+    next Accelerator initialise a new group is not safe either: the new group has the old one's name, and
+    gloo then connects to addresses the old group left in the launcher's store ("connectFullMesh failed").
+    So while the sweep runs, destroying the group is a no-op; a single process has no group and is left alone.
     """
-    from accelerate.state import AcceleratorState, GradientState
+    if dist.world_size() == 1:
+        yield
+        return
+    import torch
+    from accelerate.state import PartialState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    destroy = PartialState.destroy_process_group
+    PartialState.destroy_process_group = lambda self, group=None: None
+    try:
+        yield
+    finally:
+        PartialState.destroy_process_group = destroy
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def sweep(recipe: ScaleRecipe, overwrite: bool = False) -> str:
@@ -180,10 +193,11 @@ def sweep(recipe: ScaleRecipe, overwrite: bool = False) -> str:
             for line in plan_lines(recipe, plan):
                 dist.log(line)
         records = []
-        for index, point in enumerate(plan.points, start=1):
-            records.append(_run_point(point, index, len(plan.points), available))
-            if dist.rank() == 0:
-                _write_tables(output_dir, records)
+        with _one_process_group():
+            for index, point in enumerate(plan.points, start=1):
+                records.append(_run_point(point, index, len(plan.points), available))
+                if dist.rank() == 0:
+                    _write_tables(output_dir, records)
     if dist.rank() != 0:
         return ""
     return "\n".join(result_lines(records) + [
