@@ -33,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
+from pretrain_bench import run_clm_group_texts  # noqa: E402  (the run_clm path the Trainer peers share)
 
 
 def worker_llmkit(cfg: dict) -> dict:
@@ -70,14 +71,7 @@ def worker_hf(cfg: dict) -> dict:
     raw = load_dataset("json", data_files=cfg["corpus"], split="train", cache_dir=cfg["cache"])
     tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
 
-    def group_texts(examples):
-        concatenated = {k: sum(examples[k], []) for k in examples}
-        total = (len(concatenated["input_ids"]) // block) * block
-        result = {k: [t[i : i + block] for i in range(0, total, block)] for k, t in concatenated.items()}
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    blocks = tokenized.map(group_texts, batched=True)
+    blocks = tokenized.map(run_clm_group_texts(block), batched=True)
     seconds = time.perf_counter() - start
     total = sum(len(ids) for ids in tokenized["input_ids"])
     return {"seconds": seconds, "tokens": total, "documents": len(raw), "blocks": len(blocks), "dropped": total - len(blocks) * block}

@@ -49,6 +49,19 @@ HERE = Path(__file__).resolve()
 # ----------------------------------------------------------------------------------------------
 
 
+
+def run_clm_group_texts(block: int):
+    """run_clm's group_texts: concatenate a batch's documents, cut into `block`-token blocks (the tail is dropped), labels = input_ids."""
+
+    def group_texts(examples):
+        concatenated = {k: sum(examples[k], []) for k in examples}
+        total = (len(concatenated["input_ids"]) // block) * block
+        result = {k: [t[i : i + block] for i in range(0, total, block)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    return group_texts
+
 def build_fixtures(root: Path, vocab: int) -> tuple[Path, Path]:
     """A jsonl corpus of builtin:pydoc/train and a byte-level BPE tokenizer trained on it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -163,14 +176,7 @@ def worker_hf(cfg: dict) -> dict:
     tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
     block = cfg["seq_len"]
 
-    def group_texts(examples):
-        concatenated = {k: sum(examples[k], []) for k in examples}
-        total = (len(concatenated["input_ids"]) // block) * block
-        result = {k: [t[i : i + block] for i in range(0, total, block)] for k, t in concatenated.items()}
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    blocks = tokenized.map(group_texts, batched=True)
+    blocks = tokenized.map(run_clm_group_texts(block), batched=True)
     config = AutoConfig.for_model("llama", vocab_size=64 * -(-len(tokenizer) // 64), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg["model"])
     torch.manual_seed(1234)

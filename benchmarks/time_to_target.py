@@ -50,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from pretrain_bench import build_fixtures  # noqa: E402  (the same corpus and tokenizer as the throughput bench)
+from pretrain_bench import build_fixtures, run_clm_group_texts  # noqa: E402  (the same corpus and tokenizer as the throughput bench)
 
 SIDES = ("hf-trainer", "nanogpt", "llmkit-adamw", "llmkit-muon")
 
@@ -157,14 +157,7 @@ def worker_hf(cfg: dict) -> dict:
     tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
     size = cfg["seq_len"]
 
-    def group_texts(examples):
-        concatenated = {k: sum(examples[k], []) for k in examples}
-        total = (len(concatenated["input_ids"]) // size) * size
-        result = {k: [t[i : i + size] for i in range(0, total, size)] for k, t in concatenated.items()}
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    train = tokenized.map(group_texts, batched=True)
+    train = tokenized.map(run_clm_group_texts(size), batched=True)
     torch.manual_seed(cfg["seed"])
     model = AutoModelForCausalLM.from_config(model_config(cfg, tokenizer), dtype=torch.float32, attn_implementation="sdpa")
 
