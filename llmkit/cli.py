@@ -19,9 +19,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit import __version__, dist
+from llmkit import __version__, dist, rundir
 from llmkit.errors import Interrupted, LlmkitError, disk_error
-from llmkit.recipes import bundled_dir, bundled_names, load_recipe, resolve_recipe_path, schema_reference
+from llmkit.recipes import bundled_dir, bundled_names, load_recipe, resolve_recipe_path, schema_reference, with_schema_reference
 
 # Command -> the module in llmkit/stages/ whose functions it calls.
 STAGES = {
@@ -357,9 +357,25 @@ def recipes_copy(
 
 @recipes_app.command("reference")
 @handles_errors
-def recipes_reference() -> None:
-    """Print the reference of every recipe key (type, default, meaning) as Markdown."""
-    typer.echo(schema_reference().rstrip())
+def recipes_reference(
+    write: Annotated[
+        Optional[Path],
+        typer.Option("--write", help="Update the reference between the markers of this Markdown file (docs/recipes.md) instead of printing it."),
+    ] = None,
+) -> None:
+    """Print the reference of every recipe key (default, meaning) as Markdown, or update docs/recipes.md with --write."""
+    if write is None:
+        typer.echo(schema_reference().rstrip())
+        return
+    if not write.is_file():
+        raise LlmkitError(f"{write}: no such file; --write updates an existing page between its reference markers")
+    old = write.read_text(encoding="utf-8")
+    new = with_schema_reference(old, str(write))
+    if new == old:
+        typer.echo(f"{write}: the recipe reference is current")
+        return
+    rundir.write_text_atomic(write, new)
+    typer.echo(f"{write}: recipe reference updated")
 
 
 def main() -> None:

@@ -1118,7 +1118,7 @@ def recipe_to_yaml(recipe: BaseModel) -> str:
 
 
 def schema_reference() -> str:
-    """Markdown reference of every recipe key, its type, default and description (for the README)."""
+    """Markdown reference of every recipe key, its default and description (docs/recipes.md holds it)."""
     out: list[str] = []
 
     def emit(cls: type[BaseModel], prefix: str, seen: set) -> None:
@@ -1142,3 +1142,19 @@ def schema_reference() -> str:
         out.append(f"\n### `{stage}` recipes\n\n| key | default | meaning |\n|---|---|---|")
         emit(cls, "", set())
     return "\n".join(out) + "\n"
+
+
+REFERENCE_START = "<!-- recipe-reference:start -->"
+REFERENCE_END = "<!-- recipe-reference:end -->"
+"""The markers around the generated reference in docs/recipes.md; the text outside them is written by hand."""
+
+
+def with_schema_reference(document: str, where: str) -> str:
+    """`document` with the text between the reference markers replaced by `schema_reference()`."""
+    start, end = document.find(REFERENCE_START), document.find(REFERENCE_END)
+    if start < 0 or end < start:
+        raise RecipeError(
+            f"{where}: has no '{REFERENCE_START}' ... '{REFERENCE_END}' markers; add them where the reference goes"
+        )
+    head, tail = document[: start + len(REFERENCE_START)], document[end:]
+    return f"{head}\n{schema_reference().strip()}\n{tail}"

@@ -9,7 +9,7 @@ Outputs in output_dir: metrics.json (values and the exact protocol), predictions
 reference, prediction and per-example scores of generation metrics), recipe.yaml, and for several
 checkpoints comparison.md / comparison.json. Files are written to a temporary name and renamed.
 
-Perplexity protocol (llmkit/metrics/perplexity.py, README "Metrics"): each document on its own; its tokens t_0..t_{L-1} are what
+Perplexity protocol (llmkit/metrics/perplexity.py, docs/evaluation.md "Metrics, defined"): each document on its own; its tokens t_0..t_{L-1} are what
 `tokenizer(text)` returns; window k ends at e_k = min(seq_len + k*stride, L), starts at
 s_k = max(0, e_k - seq_len) and scores t_i for max(1, e_{k-1}) <= i < e_k from t_{s_k}..t_{i-1}.
 Perplexity = exp(sum NLL / scored tokens); bits per byte = sum NLL / (ln 2 * UTF-8 bytes).
