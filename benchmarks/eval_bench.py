@@ -169,10 +169,10 @@ def bench_generation(
 ) -> dict:
     from transformers import pipeline
 
-    from llmkit.data.sft import format_example, prompt_token_ids
     from llmkit.data.sources import load_records
     from llmkit.generation import generate_ids
     from llmkit.models import load_model
+    from llmkit.prompts import format_example, prompt_token_ids
     from llmkit.recipes import GenerationSpec, TaskSpec
 
     model, tokenizer = load_model(str(model_dir), device=device)

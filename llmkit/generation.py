@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from llmkit.data.sft import encode_prompts
 from llmkit.models import max_positions
+from llmkit.prompts import encode_prompts
 from llmkit.recipes import GenerationSpec
 
 # ----------------------------------------------------------------------------------------------

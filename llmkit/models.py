@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
-from llmkit.data.sft import ensure_chat_template
 from llmkit.data.sources import hub_host_resolves, source_names
 from llmkit.errors import ModelError, RecipeError, did_you_mean
+from llmkit.prompts import ensure_chat_template
 from llmkit.recipes import bundled_command_writing, check_model_overrides, load_recipe, recipe_to_yaml
 from llmkit.rundir import CHECKPOINTS, MARKER, latest_checkpoint, write_text_atomic
 

@@ -21,6 +21,7 @@ LAYERS = [
     ["llmkit", "llmkit.errors", "llmkit.dist"],
     ["llmkit.recipes"],
     ["llmkit.rundir"],
+    ["llmkit.prompts"],
     ["llmkit.data"],
     ["llmkit.models"],
     ["llmkit.generation", "llmkit.metrics"],

@@ -122,7 +122,7 @@ def test_cli_chat_mode(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, chat_dir)
     from transformers import AutoTokenizer
 
-    from llmkit.data.sft import DEFAULT_CHAT_TEMPLATE
+    from llmkit.prompts import DEFAULT_CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(chat_dir)
     tok.chat_template = DEFAULT_CHAT_TEMPLATE

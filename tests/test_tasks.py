@@ -11,7 +11,10 @@ import pytest
 
 from llmkit.data.batches import grouped_batch_order
 from llmkit.data.packing import IGNORE_INDEX, pack_examples, packed_collate, padded_collate
-from llmkit.data.sft import (
+from llmkit.data.sft import tokenize_record, tokenize_records
+from llmkit.errors import DataError, RecipeError
+from llmkit.models import enable_packing
+from llmkit.prompts import (
     DEFAULT_CHAT_TEMPLATE,
     format_example,
     format_record,
@@ -19,11 +22,7 @@ from llmkit.data.sft import (
     prompt_token_ids,
     task_defaults,
     template_fields,
-    tokenize_record,
-    tokenize_records,
 )
-from llmkit.errors import DataError, RecipeError
-from llmkit.models import enable_packing
 from llmkit.recipes import TaskSpec, recipe_from_dict
 from llmkit.stages.data import render_mask
 

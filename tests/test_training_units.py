@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.data.sft import DEFAULT_CHAT_TEMPLATE, encode_prompts, tokenize_record
+from llmkit.data.sft import tokenize_record
+from llmkit.prompts import DEFAULT_CHAT_TEMPLATE, encode_prompts
 from llmkit.recipes import recipe_from_dict
 from llmkit.stages import generate as generate_stage
 from llmkit.training.optim import param_groups

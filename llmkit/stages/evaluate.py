@@ -25,8 +25,7 @@ from typing import Any
 
 import typer
 
-from llmkit import __version__, dist, rundir
-from llmkit.data import sft
+from llmkit import __version__, dist, prompts, rundir
 from llmkit.data.sources import check_sources, describe, iter_located_records, iter_texts, source_names
 from llmkit.errors import RecipeError
 from llmkit.generation import generate_ids
@@ -315,9 +314,9 @@ def _located_records(recipe: EvalRecipe) -> list[tuple[str, dict]]:
 
 
 def _task_with_labels(task: TaskSpec, records: list[dict]) -> TaskSpec:
-    task = sft.task_defaults(task)
+    task = prompts.task_defaults(task)
     if task.type == "classification" and not task.labels:
-        task = task.model_copy(update={"labels": sft.label_set(task, records)})
+        task = task.model_copy(update={"labels": prompts.label_set(task, records)})
     return task
 
 
@@ -334,10 +333,10 @@ def generation_metrics(
     max_prompt = None if limit is None else max(1, limit - recipe.generation.max_new_tokens)
     mine = [(i, where, rec) for i, (where, rec) in enumerate(located) if i % world == rank]
     formatted = [
-        sft.format_record(task, rec, tokenizer, max_prompt_tokens=max_prompt, where=where)
+        prompts.format_record(task, rec, tokenizer, max_prompt_tokens=max_prompt, where=where)
         for _, where, rec in mine
     ]
-    prompt_ids = sft.encode_prompts(tokenizer, [f.prompt for f in formatted])
+    prompt_ids = prompts.encode_prompts(tokenizer, [f.prompt for f in formatted])
     texts = [
         t[0] for t in generate_ids(model, tokenizer, prompt_ids, recipe.generation, recipe.data.batch_size)
     ]
@@ -525,7 +524,7 @@ def _check_records(recipe: EvalRecipe, plans: list[ModelPlan]) -> list[tuple[str
     located = _located_records(recipe)
     for plan in plans:
         for where, record in located:
-            sft.check_record(plan.task, record, where)
+            prompts.check_record(plan.task, record, where)
     return located
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from llmkit import dist, models, rundir
+from llmkit import dist, models, prompts, rundir
 from llmkit.data import sft
 from llmkit.data.splits import builtin_validation_warning
 from llmkit.errors import RecipeError
@@ -31,9 +31,9 @@ from llmkit.training.loop import fit
 
 def check(recipe: FinetuneRecipe) -> None:
     """Checks that read no model and no data: templates, LoRA availability, the model directory."""
-    task = sft.task_defaults(recipe.task)
+    task = prompts.task_defaults(recipe.task)
     if task.prompt_template is not None:
-        sft.template_fields(task.prompt_template)
+        prompts.template_fields(task.prompt_template)
         if "{labels}" in task.prompt_template and task.type != "classification":
             raise RecipeError("task.prompt_template: {labels} is only filled for the classification task")
     models.check_lora_available(recipe)
@@ -48,7 +48,7 @@ def load_tokenizer(recipe: FinetuneRecipe):
     key = "tokenizer" if recipe.tokenizer else "model.path"
     tokenizer = models.load_tokenizer(recipe.tokenizer or recipe.model.path, key)
     if recipe.task.type == "instruction":
-        sft.ensure_chat_template(tokenizer)
+        prompts.ensure_chat_template(tokenizer)
     return tokenizer
 
 
@@ -66,7 +66,7 @@ def task_metric(recipe: FinetuneRecipe, tokenizer, validation: Sequence[tuple[st
     budget = max(recipe.data.seq_len - spec.max_new_tokens, recipe.data.seq_len // 2)
     prompts, references = [], []
     for where, record in validation[:samples]:
-        formatted = sft.format_record(recipe.task, record, tokenizer, max_prompt_tokens=budget, where=where)
+        formatted = prompts.format_record(recipe.task, record, tokenizer, max_prompt_tokens=budget, where=where)
         prompts.append(formatted.prompt)
         references.append(formatted.target)
 

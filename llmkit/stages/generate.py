@@ -5,7 +5,7 @@
     llmkit generate runs/quickstart/pretrain/checkpoints/step-00000250 "The os module"
     llmkit generate runs/chat --chat          # interactive; the conversation is kept
 
-Prompts are encoded exactly as training encoded them (llmkit/data/sft.py: `format_prompt` fills a
+Prompts are encoded exactly as training encoded them (llmkit/prompts.py: `format_prompt` fills a
 fine-tune's prompt template, `encode_prompts` tokenizes, `chat_prompt_ids` for --chat), so a
 fine-tuned model sees the prompt shape it learned; --raw sends the text as it is. A file or stdin
 is one prompt (a document spans lines); --one-per-line makes each line a prompt.
@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmkit.data.sft import chat_prompt_ids, encode_prompts, format_prompt, task_defaults, template_fields
 from llmkit.errors import DataError, ModelError, RecipeError
 from llmkit.generation import cut_at_stop, decode_continuation, generate_ids, generation_config, stop_criteria
 from llmkit.models import check_model_dir, load_model, max_positions, run_dir_of
+from llmkit.prompts import chat_prompt_ids, encode_prompts, format_prompt, task_defaults, template_fields
 from llmkit.recipes import GenerationSpec, TaskSpec, load_recipe
 
 

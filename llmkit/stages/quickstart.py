@@ -19,10 +19,10 @@ from pathlib import Path
 
 import typer
 
-from llmkit.data.sft import format_record
 from llmkit.data.sources import iter_records
 from llmkit.generation import generate_texts
 from llmkit.models import load_model
+from llmkit.prompts import format_record
 from llmkit.recipes import GenerationSpec, load_recipe
 from llmkit.stages import evaluate, finetune, plot, pretrain, tokenizer
 
