@@ -64,15 +64,15 @@ def task_metric(recipe: FinetuneRecipe, tokenizer, validation: Sequence[tuple[st
         return None
     spec = GenerationSpec(max_new_tokens=recipe.task_eval.max_new_tokens)
     budget = max(recipe.data.seq_len - spec.max_new_tokens, recipe.data.seq_len // 2)
-    prompts, references = [], []
+    texts, references = [], []
     for where, record in validation[:samples]:
         formatted = prompts.format_record(recipe.task, record, tokenizer, max_prompt_tokens=budget, where=where)
-        prompts.append(formatted.prompt)
+        texts.append(formatted.prompt)
         references.append(formatted.target)
 
     def extra_eval(model, step: int) -> dict[str, float]:
         """Generate for the sample and score it."""
-        predictions = generate_texts(model, tokenizer, prompts, spec, batch_size=min(8, len(prompts)))
+        predictions = generate_texts(model, tokenizer, texts, spec, batch_size=min(8, len(texts)))
         if kind == "classification":
             return {"accuracy": accuracy(predictions, references)}
         scores = rouge_scores(predictions, references)
