@@ -741,8 +741,21 @@ class ScaleRecipe(Section):
     param_convention: Literal["total", "non_embedding", "matmul"] = Field(
         "non_embedding", description="What N counts in the sizes, C = 6 N D and the fit: total, non_embedding (Kaplan) or matmul."
     )
-    lr_rule: Literal["constant", "inverse_sqrt"] = Field(
-        "constant", description="Learning rate per point: the base's train.lr, or lr x (N_base / N)^0.5 (N_base: the base model's size)."
+    flop_convention: Literal["6N", "6N_output", "6N_attention", "M"] = Field(
+        "6N", description="What C counts for IsoFLOP budgets: 6N, 6N_output (with the output layer), 6N_attention, or DeepSeek's M.",
+    )
+    lr_rule: Literal["constant", "inverse_sqrt", "deepseek", "step_law", "porian", "fitted"] = Field(
+        "constant", description="Learning rate per point: constant, inverse_sqrt (x (N_base / N)^0.5), a published law, or fitted (hp_fit).",
+    )
+    batch_rule: Literal["constant", "deepseek", "step_law", "porian", "fitted"] = Field(
+        "constant", description="Batch per point: the base's, a published law (tokens, rounded to whole sequences), or fitted (hp_fit).",
+    )
+    warmup_rule: Literal["fraction", "porian"] = Field(
+        "fraction", description="Warmup per point: the base's share of the steps, or porian (warmup tokens = N).",
+    )
+    hp_fit: Path | None = Field(None, description="hp.json of `llmkit scale hp` for lr_rule / batch_rule fitted.")
+    branch: bool = Field(
+        False, description="One stable-phase (constant lr) run per size and a WSD cooldown branched from it at each token budget.",
     )
     allow_repeat: bool = Field(
         False, description="Allow points that need more tokens than data.train holds (it is repeated, epoch after epoch).",

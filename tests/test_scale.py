@@ -412,6 +412,21 @@ def test_fit_of_a_sweep_directory(tmp_path, tokenizer_dir, corpus, monkeypatch):
     assert report["param_convention"] == "non_embedding" and report["sweep"] == str(tmp_path / "sweep")
     assert report["throughput"]["tokens_per_s"] == 500.0 and (tmp_path / "sweep" / "fit.png").is_file()
     assert [r["name"] for r in report["residuals"]][:2] == ["n4k_d1.28k", "n4k_d1.92k"]
+    # Everything that makes the numbers reproducible: version, conventions, rules, data.
+    import hashlib
+
+    import llmkit
+    from llmkit.data.lm import cache_key
+    from llmkit.models import load_tokenizer
+
+    prov = report["provenance"]
+    assert prov["llmkit_version"] == llmkit.__version__ and prov["param_convention"] == "non_embedding"
+    assert prov["points_sha256"] == hashlib.sha256((tmp_path / "sweep" / "sweep.jsonl").read_bytes()).hexdigest()
+    assert prov["flop_convention"] == "6N" and prov["rules"]["lr_rule"] == "constant" and prov["rules"]["batch_rule"] == "constant"
+    point = planning.plan(recipe, 512).points[0].recipe
+    assert prov["data"]["fingerprint"] == cache_key(point, load_tokenizer(str(tokenizer_dir)))
+    assert prov["data"]["train_tokens"] == _available_tokens(tokenizer_dir, corpus[0])
+    assert "data:        lm-" in result.stdout or "data:        " in result.stdout
     refit = runner.invoke(app, ["scale", "fit", str(tmp_path / "sweep"), "--bootstrap", "0", "--param-convention", "total",
                                 "-o", str(tmp_path / "total.json")])
     assert refit.exit_code == 0, refit.output
@@ -466,11 +481,15 @@ def test_recommend_from_a_fit_with_intervals_shape_and_recipe(tmp_path, tokenize
     assert result.exit_code == 0, result.output
     best = laws.optimum(laws.load_law(fit_path), 1e17)
     assert f"N* = {best.N:.4g} [" in result.stdout and "loss:" in result.stdout and "steps:" in result.stdout
+    assert "compute:     of this model on D* tokens, by convention: 6N " in result.stdout and "| M " in result.stdout
     written = yaml.safe_load(target.read_text())
-    assert written["train"]["max_tokens"] == round(best.D) and "max_steps" not in written["train"]
     recipe = recipe_from_dict(written, stage="pretrain")
     counts = parameter_counts(meta_model(model_config(recipe, 512)))
     assert abs(math.log(counts["non_embedding"] / best.N)) < math.log(1.1)
+    # D for the shape built, so that the recipe's 6 N D is the budget (within whole steps)
+    assert written["train"]["max_tokens"] == round(1e17 / (6 * counts["non_embedding"])) and "max_steps" not in written["train"]
+    steps = math.ceil(written["train"]["max_tokens"] / planning.tokens_per_step(recipe, 1))
+    assert 6 * counts["non_embedding"] * steps * planning.tokens_per_step(recipe, 1) == pytest.approx(1e17, rel=0.05)
     assert target.read_text().startswith("# Compute-optimal llama")
     assert_clean_error(runner.invoke(app, args), "already exists", "--force")
     far = runner.invoke(app, ["scale", "recommend", "--flops", "1e23", "--fit", str(fit_path)])

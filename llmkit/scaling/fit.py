@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
+from llmkit.data.sources import first_invalid_utf8
 from llmkit.errors import LlmkitError
 from llmkit.rundir import write_text_atomic
 
@@ -86,7 +87,10 @@ class Points:
 def load_points(path: str | os.PathLike, *, columns: dict[str, str] | None = None) -> Points:
     """Read points from a CSV, a JSONL, or a sweep directory holding sweep.jsonl; D = C / (6 N) when D is absent."""
     file = _points_file(Path(path))
-    rows = _read_csv(file) if file.suffix.lower() == ".csv" else _read_jsonl(file)
+    try:
+        rows = _read_csv(file) if file.suffix.lower() == ".csv" else _read_jsonl(file)
+    except UnicodeDecodeError:
+        raise not_utf8(file) from None
     if not rows:
         raise LlmkitError(f"{file} holds no points: add one row per run with columns N, D (or C) and loss")
     headers = list(dict.fromkeys(key for _, row in rows for key in row))
@@ -121,6 +125,13 @@ def _points_file(path: Path) -> Path:
     if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
         raise LlmkitError(f"{path} is neither .csv nor .jsonl: save the points as CSV (header row) or JSONL")
     return path
+
+
+def not_utf8(file: Path) -> LlmkitError:
+    """The one-line error for a points file that is not UTF-8, naming the first bad byte."""
+    found = first_invalid_utf8(file)
+    where = f" (byte {found[0]:,}, line {found[1]:,}: {found[2].hex(' ')})" if found else ""
+    return LlmkitError(f"{file}: not UTF-8 text{where}; save the points as UTF-8 CSV or JSONL (iconv -f latin1 -t utf-8)")
 
 
 def _read_csv(file: Path) -> list[tuple[int, dict[str, Any]]]:

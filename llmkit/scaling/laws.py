@@ -50,6 +50,7 @@ POWER_NAMES = ("E", "A", "alpha")
 LEVEL = 0.95
 BOOTSTRAP_TOP_K = 2  # L-BFGS starts per bootstrap refit: the best grid starts of a resample are as good as 16 (0.05 s vs 0.3 s)
 HOLDOUT_EVERY = 5
+DEGENERATE_EXPONENT = 1e-3  # an exponent at or below this makes its term a constant: the law cannot extrapolate
 
 
 def chinchilla(constants: dict[str, float], n_points: int = 0) -> ChinchillaFit:
@@ -101,6 +102,18 @@ def bootstrap_draws(x: list[np.ndarray], loss: np.ndarray, *, n_boot: int, seed:
             skipped += 1
     width = 5 if len(x) == 2 else 3
     return np.asarray(draws, dtype=float).reshape(-1, width), skipped
+
+
+def degenerate(constants: dict[str, float]) -> str | None:
+    """Why a fitted law cannot be used to extrapolate (an exponent at or below DEGENERATE_EXPONENT), or None."""
+    flat = [name for name in ("alpha", "beta") if name in constants and not float(constants[name]) > DEGENERATE_EXPONENT]
+    if not flat:
+        return None
+    return (
+        f"{' and '.join(flat)} = {', '.join(f'{float(constants[n]):.3g}' for n in flat)}: the loss does not fall with "
+        f"{' or '.join('N' if n == 'alpha' else 'D' for n in flat)} in this fit, so it says nothing about larger runs; "
+        "vary that quantity more widely (or train the points longer)"
+    )
 
 
 def holdout_every(n: int, min_train: int) -> int | None:
@@ -165,12 +178,23 @@ def fit_points(points: Points, extras: list[dict[str, Any]], *, n_boot: int = 20
     extras: the rows of the points file (names, IsoFLOP budget labels, measured throughput), in order.
     """
     kind = _which_law(points)
+    if float(np.ptp(points.loss)) <= 1e-9 * float(points.loss.max()):
+        raise LlmkitError(
+            f"{points.source}: every point has the same loss ({points.loss[0]:.6g}): there is no trend to fit; "
+            "check the loss column (did every run log the same value?)"
+        )
     names = [str(row.get("name") or f"point {i + 1}") for i, row in enumerate(extras)]
     if kind == "ND":
         report = _fit_two_variables(points, extras, n_boot=n_boot, seed=seed)
     else:
         report = _fit_one_variable(points, kind, n_boot=n_boot, seed=seed)
     report["residuals"] = _residuals(names, points, np.asarray(report.pop("_predicted")))
+    if not math.isfinite(report["r2"]):
+        raise LlmkitError(
+            f"{points.source}: the fitted law does not reproduce the points (R^2 not finite): the losses do not "
+            "follow a power law in N or D; check the columns, or add points"
+        )
+    report["degenerate"] = degenerate(report["constants"])
     C = 6.0 * points.N_params * points.D_tokens if points.N_params is not None and points.D_tokens is not None else None
     report.update({
         "version": FIT_VERSION,
@@ -369,21 +393,58 @@ def load_law(path: Path | None) -> Law:
             f"--fit {file}: holds {data.get('law', 'a one-variable law')}, which cannot split compute between N and D; "
             "sweep several sizes and token budgets to fit L(N, D)"
         )
-    constants = data["constants"]
-    draws = np.asarray(data.get("bootstrap", {}).get("draws") or [], dtype=float).reshape(-1, 5)
-    C = data.get("ranges", {}).get("C")
-    sweep = data.get("sweep")
+    constants = {name: _number(data, ("constants", name), file) for name in LAW_NAMES}
+    flat = degenerate(constants)
+    if flat:
+        raise LlmkitError(f"--fit {file}: a degenerate law ({flat}); it cannot recommend a size")
+    boot = data.get("bootstrap") if isinstance(data.get("bootstrap"), dict) else {}
+    try:
+        draws = np.asarray(boot.get("draws") or [], dtype=float).reshape(-1, 5)
+    except (TypeError, ValueError, AttributeError):
+        raise LlmkitError(f"--fit {file}: not a fit.json of `llmkit scale fit` (bootstrap.draws is not a table of numbers); rerun the fit") from None
+    C = data["ranges"].get("C") if isinstance(data.get("ranges"), dict) else None
+    if C is not None:
+        C = [_number(data, ("ranges", "C", i), file) for i in range(2)]
+    level = _number(data, ("bootstrap", "level"), file) if boot.get("level") is not None else LEVEL
+    sweep = data.get("sweep") if isinstance(data.get("sweep"), str) else None
+    throughput = data.get("throughput") if isinstance(data.get("throughput"), dict) else None
+    if throughput is not None:
+        for key in ("flops_per_s", "tokens_per_s"):
+            _number(data, ("throughput", key), file)
+    convention = data.get("param_convention")
+    if convention is not None and convention not in ("total", "non_embedding", "matmul"):
+        raise LlmkitError(
+            f"--fit {file}: not a fit.json of `llmkit scale fit` (param_convention is {convention!r}, not total, "
+            "non_embedding or matmul); rerun `llmkit scale fit`"
+        )
     return Law(
-        fit=chinchilla(constants, int(data.get("n_points") or 0)),
+        fit=chinchilla(constants, int(data["n_points"]) if isinstance(data.get("n_points"), int) else 0),
         source=f"{file} ({data.get('n_points')} points)",
-        convention=data.get("param_convention"),
+        convention=convention,
         draws=draws if len(draws) else None,
-        level=float(data.get("bootstrap", {}).get("level") or LEVEL),
+        level=level,
         C_range=(float(C[0]), float(C[1])) if C else None,
-        throughput=data.get("throughput"),
+        throughput=throughput,
         sweep=Path(sweep) if sweep else None,
         path=file,
     )
+
+
+def _number(data: dict[str, Any], path: tuple, file: Path) -> float:
+    """The finite number at data[path[0]][path[1]]...; LlmkitError naming the key when it is missing or not a number."""
+    value: Any = data
+    for key in path:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            value = None
+            break
+    name = ".".join(str(k) for k in path)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LlmkitError(
+            f"--fit {file}: not a fit.json of `llmkit scale fit` ({name} is {value!r}, not a number); rerun `llmkit scale fit`"
+        )
+    return float(value)
 
 
 @dataclass

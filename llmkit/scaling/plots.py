@@ -20,6 +20,8 @@ from llmkit.errors import LlmkitError
 from llmkit.scaling import laws
 from llmkit.scaling.fit import Points, compute_optimal, predict
 
+MAX_SERIES = 8  # colours and legend entries per panel; more distinct sizes or budgets are binned
+
 
 def require_matplotlib() -> None:
     """LlmkitError (before anything is written) when matplotlib is missing."""
@@ -39,6 +41,17 @@ def _groups(values: np.ndarray, rel_tol: float = 0.05) -> list[np.ndarray]:
         else:
             groups.append([int(i)])
     return [np.asarray(g) for g in groups]
+
+
+def _bounded_groups(values: np.ndarray, limit: int = MAX_SERIES) -> list[np.ndarray]:
+    """The groups of equal values when there are at most `limit`, else `limit` log-spaced bins (many distinct sizes,
+    e.g. a digitised figure, would otherwise draw one series and one legend entry each, which takes matplotlib hours)."""
+    groups = _groups(values, rel_tol=1e-9)
+    if len(groups) <= limit:
+        return groups
+    edges = np.geomspace(values.min(), values.max() * (1 + 1e-12), limit + 1)
+    which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, limit - 1)
+    return [np.flatnonzero(which == k) for k in range(limit) if np.any(which == k)]
 
 
 def _si(value: float) -> str:
@@ -75,16 +88,18 @@ def _two_variable_figure(plt, report, points: Points, rows):
     C = 6.0 * N * D
     convention = report.get("param_convention") or "as in the points file"
     fig, (ax_c, ax_iso, ax_n) = plt.subplots(1, 3, figsize=(18, 5.2))
-    sizes = _groups(N, rel_tol=1e-9)
+    sizes = _bounded_groups(N)
     cmap = plt.get_cmap("viridis")
     color = {int(g[0]): cmap(k / max(1, len(sizes) - 1)) for k, g in enumerate(sizes)}
 
     # 1. Loss against compute: the points, each size's fitted curve, the compute-optimal frontier.
     grid_c = np.geomspace(C.min() / 3, C.max() * 3, 200)
     for g in sizes:
-        n = float(N[g[0]])
+        n = float(np.exp(np.log(N[g]).mean()))
         c = color[int(g[0])]
-        ax_c.scatter(C[g], loss[g], color=c, s=28, zorder=3, label=f"N {_si(n)}")
+        low, high = float(N[g].min()), float(N[g].max())
+        label = f"N {_si(n)}" if low == high else f"N {_si(low)}-{_si(high)}"
+        ax_c.scatter(C[g], loss[g], color=c, s=28 if len(N) <= 200 else 4, zorder=3, label=label)
         ax_c.plot(grid_c, predict(law, n, grid_c / (6 * n)), color=c, linewidth=1, alpha=0.7)
     if law.alpha > 0 and law.beta > 0:
         best = compute_optimal(law, grid_c)
@@ -94,7 +109,9 @@ def _two_variable_figure(plt, report, points: Points, rows):
 
     # 2. IsoFLOP curves: loss against N at fixed compute, the optimum marked.
     labels = [row.get("budget_flops") for row in rows]
-    budgets = sorted({float(v) for v in labels if v}) or list(np.geomspace(C.min(), C.max(), 3))
+    budgets = sorted({float(v) for v in labels if v})
+    if not budgets or len(budgets) > MAX_SERIES:
+        budgets = list(np.geomspace(C.min(), C.max(), 3))
     optima = [compute_optimal(law, b).N_params for b in budgets] if law.alpha > 0 and law.beta > 0 else []
     low_n = min([N.min() / 4, *(n / 3 for n in optima if math.isfinite(n))])
     high_n = max([N.max() * 4, *(n * 3 for n in optima if math.isfinite(n))])

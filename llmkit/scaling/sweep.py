@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +44,20 @@ from llmkit.recipes import (
     load_yaml,
     recipe_from_dict,
     resolve_recipe_path,
+    wsd_decay_steps,
 )
-from llmkit.scaling import laws, shapes
+from llmkit.scaling import conventions, laws, rules, shapes
 from llmkit.scaling.fit import MIN_POINTS_CHINCHILLA, MIN_POINTS_ONE_VARIABLE, compute_optimal
 
 POINTS = "points"
+TRUNKS = "trunks"  # branched sweeps: one stable-phase run directory per size
 RECORD = "scale-point.json"  # in each point's run directory once it has finished
 MIN_STEPS = 10
 RECORD_FIELDS = (
     "name", "N", "D", "C", "loss", "param_convention", "params_total", "params_non_embedding", "params_matmul",
     "target_params", "budget_flops", "layers", "hidden", "heads", "kv_heads", "intermediate", "steps",
-    "tokens_per_step", "lr", "epochs", "val_tokens", "flops_per_token", "wall_s", "tokens_per_s", "resumed_from", "run_dir",
+    "tokens_per_step", "lr", "warmup_steps", "epochs", "val_tokens", "flops_per_token", "C_6N", "C_6N_output", "C_6N_attention",
+    "C_M", "trunk", "branch_step", "trained_tokens", "wall_s", "tokens_per_s", "resumed_from", "run_dir",
 )
 """The columns of sweep.jsonl and sweep.csv, in order (N, D, C, loss are what `llmkit scale fit` reads)."""
 
@@ -70,6 +73,9 @@ class Point:
     sized: shapes.SizedModel
     tokens: int  # planned D (train.max_tokens)
     steps: int
+    per_token: dict[str, float] = field(default_factory=dict)  # training FLOPs per token under every convention
+    trunk: str | None = None  # branched sweeps: the stable-phase run this point's cooldown branches from
+    branch_step: int | None = None  # ... at this step (the last step at the peak learning rate)
 
     @property
     def N(self) -> int:
@@ -86,6 +92,30 @@ class Plan:
     base_params: int | None  # the base model's size in the sweep's convention (for lr_rule inverse_sqrt)
     points: list[Point]
     notes: list[str]
+    trunks: dict[str, PretrainRecipe] = field(default_factory=dict)  # branched sweeps: name -> stable-phase recipe
+    rules: list[str] = field(default_factory=list)  # the lr / batch / warmup rules in use, one line each
+
+    def trained_tokens(self) -> tuple[int, int]:
+        """(tokens this plan trains, tokens the same points would train as independent runs)."""
+        independent = sum(p.steps * tokens_per_step(p.recipe) for p in self.points)
+        if not self.trunks:
+            return independent, independent
+        trunk_steps = {name: max(p.branch_step for p in self.points if p.trunk == name) for name in self.trunks}
+        trunk_tokens = sum(trunk_steps[name] * tokens_per_step(recipe) for name, recipe in self.trunks.items())
+        cooldowns = sum((p.steps - p.branch_step) * tokens_per_step(p.recipe) for p in self.points)
+        return trunk_tokens + cooldowns, independent
+
+    def trained_flops(self) -> tuple[float, float]:
+        """(training FLOPs of this plan, of independent runs), each token at its model's 6N_attention cost."""
+        independent = sum(p.steps * tokens_per_step(p.recipe) * p.per_token["6N_attention"] for p in self.points)
+        if not self.trunks:
+            return independent, independent
+        total = 0.0
+        for name in self.trunks:
+            mine = [p for p in self.points if p.trunk == name]
+            total += max(p.branch_step for p in mine) * tokens_per_step(mine[0].recipe) * mine[0].per_token["6N_attention"]
+        total += sum((p.steps - p.branch_step) * tokens_per_step(p.recipe) * p.per_token["6N_attention"] for p in self.points)
+        return total, independent
 
 
 def _short(value: float) -> str:
@@ -196,14 +226,40 @@ def _targets(recipe: ScaleRecipe) -> list[tuple[int, float | None, int | None]]:
     return out
 
 
+def _per_token(sized: shapes.SizedModel, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token of a sized model under every convention."""
+    s = sized.shape
+    return conventions.flops_per_token(sized.counts, s.layers, s.hidden, seq_len, sized.convention)
+
+
+def _depends_on_tokens(recipe: ScaleRecipe) -> str | None:
+    """The rule of a branched sweep that would give the budgets of one size different settings (they share a stable phase)."""
+    for key, rule in (("lr_rule", recipe.lr_rule), ("batch_rule", recipe.batch_rule)):
+        if rule in ("deepseek", "step_law"):
+            return f"{key}: {rule}"
+    return None
+
+
 def plan(recipe: ScaleRecipe, vocab_size: int | None) -> Plan:
     """Every point of a sweep with its recipe and shape; RecipeError for a grid that cannot be fitted or run."""
     base, where = base_recipe(recipe)
     unsized, _ = base_recipe(recipe, keep_sizes=False)
     convention = recipe.param_convention
-    per_step = tokens_per_step(base)
+    base_per_step = tokens_per_step(base)
     warmup_fraction = base.train.warmup_steps / _base_steps(base)
     base_params = model_size(base, vocab_size, convention) if recipe.lr_rule == "inverse_sqrt" else None
+    hp = rules.load_hp(recipe.hp_fit) if recipe.hp_fit is not None else None
+    if hp is None and "fitted" in (recipe.lr_rule, recipe.batch_rule):
+        which = "lr_rule" if recipe.lr_rule == "fitted" else "batch_rule"
+        raise RecipeError(f"{which}: fitted needs hp_fit: the hp.json written by `llmkit scale hp` (set hp_fit: PATH)")
+    if recipe.branch:
+        shared = _depends_on_tokens(recipe)
+        if shared:
+            raise RecipeError(
+                f"{shared}: depends on the token budget, but branch: true trains the budgets of one size from one shared "
+                "stable phase (one learning rate and batch per size); use porian, fitted, inverse_sqrt or constant, or branch: false"
+            )
+    seq_len = base.data.seq_len
     points: list[Point] = []
     notes: list[str] = []
     seen: dict[tuple, str] = {}
@@ -212,8 +268,9 @@ def plan(recipe: ScaleRecipe, vocab_size: int | None) -> Plan:
         sized_base = unsized.model_copy(update={"model": dial})
         sized = shapes.choose(sized_base, vocab_size)
         N = sized.counts[convention]
+        per_token = _per_token(sized, seq_len)
         if budget is not None:
-            tokens = max(1, int(round(budget / (6.0 * N))))
+            tokens = max(1, int(round(budget / per_token[recipe.flop_convention])))
             name = f"c{budget:.3g}_n{_short(N)}".replace("+", "")
         else:
             name = f"n{_short(target)}_d{_short(tokens)}"
@@ -222,26 +279,92 @@ def plan(recipe: ScaleRecipe, vocab_size: int | None) -> Plan:
             notes.append(f"size {target:,} gives the same shape as point {seen[key]}: one point")
             continue
         seen[key] = name
+        inputs = rules.PointInputs(
+            counts=sized.counts, tokens=tokens, M_per_token=per_token["M"], convention=convention,
+            base_lr=base.train.lr, base_batch_tokens=base_per_step, base_params=base_params,
+        )
+        micro, accum = base.train.micro_batch_size, base.train.grad_accum_steps
+        if recipe.batch_rule != "constant":
+            micro, accum = rules.batch_layout(rules.batch_tokens_for(recipe.batch_rule, inputs, hp), seq_len, base.train.micro_batch_size)
+        per_step = micro * accum * seq_len * dist.world_size()
         steps = math.ceil(tokens / per_step)
         if steps < MIN_STEPS:
             raise RecipeError(
                 f"grid: point {name} trains {tokens:,} tokens = {steps} optimizer step(s) of {per_step:,} tokens; "
-                f"give it {MIN_STEPS}+ steps: more tokens, or a smaller batch in overrides (train.micro_batch_size)"
+                f"give it {MIN_STEPS}+ steps: more tokens, or a smaller batch (overrides train.micro_batch_size, or batch_rule)"
             )
-        lr_scale = 1.0 if base_params is None else math.sqrt(base_params / N)
+        lr = rules.lr_for(recipe.lr_rule, inputs, hp)
+        lr_scale = lr / base.train.lr
         train = {
-            "max_tokens": tokens, "max_steps": None, "warmup_steps": int(round(warmup_fraction * steps)),
-            "lr": base.train.lr * lr_scale, "min_lr": base.train.min_lr * lr_scale, "eval_every": steps,
+            "max_tokens": tokens, "max_steps": None, "micro_batch_size": micro, "grad_accum_steps": accum,
+            "warmup_steps": rules.warmup_steps_for(recipe.warmup_rule, warmup_fraction, steps, sized.counts[convention], per_step),
+            "lr": lr, "min_lr": base.train.min_lr * lr_scale, "eval_every": steps,
         }
+        if recipe.lr_rule == "fitted" and hp is not None and hp.optimizer == "muon":
+            # A rule fitted on Muon runs gives Muon's learning rate; AdamW's (embeddings, norms) stays the base's.
+            train.update(lr=base.train.lr, min_lr=base.train.min_lr, muon_lr=lr)
+        if recipe.branch:
+            train["schedule"] = "wsd"
         point_recipe = shapes.sized_recipe(sized_base, vocab_size).model_copy(update={
             "output_dir": Path(recipe.output_dir) / POINTS / name,
             "train": base.train.model_copy(update=train),
         })
-        # Validate the point as a whole (model_copy does not): the same checks `llmkit pretrain` makes.
-        point_recipe = recipe_from_dict(json.loads(json.dumps(point_recipe.model_dump(mode="json"))), where=f"{where}, point {name}")
-        points.append(Point(name, target, budget, point_recipe, sized, tokens, steps))
+        points.append(Point(name, target, budget, point_recipe, sized, tokens, steps, per_token))
+    trunks: dict[str, PretrainRecipe] = {}
+    if recipe.branch:
+        trunks = _branch(recipe, points, where)
+    points = [_validated(p, where) for p in points]
+    trunks = {name: _validated_recipe(r, f"{where}, stable phase {name}") for name, r in trunks.items()}
     _check_enough(points, recipe)
-    return Plan(base, where, base_params, points, notes)
+    return Plan(base, where, base_params, points, notes, trunks, rules.describe(recipe.lr_rule, recipe.batch_rule, recipe.warmup_rule, hp))
+
+
+def _validated_recipe(recipe: PretrainRecipe, where: str) -> PretrainRecipe:
+    """The recipe validated as a whole (model_copy does not): the same checks `llmkit pretrain` makes."""
+    return recipe_from_dict(json.loads(json.dumps(recipe.model_dump(mode="json"))), where=where)
+
+
+def _validated(point: Point, where: str) -> Point:
+    point.recipe = _validated_recipe(point.recipe, f"{where}, point {point.name}")
+    return point
+
+
+def _branch(recipe: ScaleRecipe, points: list[Point], where: str) -> dict[str, PretrainRecipe]:
+    """Group a branched sweep's points by shape: one stable-phase recipe each; set every point's branch step.
+
+    Every point of a size has the same warmup (that of the size's shortest budget, by the warmup rule), so
+    that its first branch_step steps (warmup, then the peak learning rate) are exactly those of the stable
+    phase: the point is the stable run resumed from its checkpoint at branch_step with the WSD cooldown.
+    """
+    trunks: dict[str, PretrainRecipe] = {}
+    by_shape: dict[Any, list[Point]] = {}
+    for p in points:
+        by_shape.setdefault(p.sized.shape, []).append(p)
+    for group in by_shape.values():
+        shortest = min(group, key=lambda p: p.steps)
+        warmup = shortest.recipe.train.warmup_steps
+        name = f"n{_short(group[0].N)}"
+        for p in group:
+            cfg = p.recipe.train
+            decay = wsd_decay_steps(p.steps, cfg.decay_fraction)
+            branch_step = p.steps - decay
+            if branch_step < max(1, warmup):
+                raise RecipeError(
+                    f"grid: point {p.name}: its {p.steps} steps leave {branch_step} before the wsd cooldown "
+                    f"({decay} steps = train.decay_fraction {cfg.decay_fraction}), fewer than the {warmup} warmup steps its size "
+                    "shares; give the smallest token budget more tokens, or lower the warmup (overrides train.warmup_steps, warmup_rule)"
+                )
+            p.recipe = p.recipe.model_copy(update={"train": cfg.model_copy(update={"warmup_steps": warmup})})
+            p.trunk, p.branch_step = name, branch_step
+        top = max(group, key=lambda p: p.branch_step)
+        trunks[name] = top.recipe.model_copy(update={
+            "output_dir": Path(recipe.output_dir) / TRUNKS / name,
+            "train": top.recipe.train.model_copy(update={
+                "schedule": "constant", "max_tokens": None, "max_steps": top.branch_step, "eval_every": top.branch_step,
+                "keep_checkpoints": 1,
+            }),
+        })
+    return trunks
 
 
 def _check_enough(points: list[Point], recipe: ScaleRecipe) -> None:
@@ -317,6 +440,10 @@ def make_record(point: Point, summary: dict[str, Any], wall_s: float, available_
         "target_params": point.target_params, "budget_flops": point.budget_flops, "layers": shape.layers,
         "hidden": shape.hidden, "heads": shape.heads, "kv_heads": shape.kv_heads, "intermediate": shape.intermediate,
         "steps": int(summary["step"]), "tokens_per_step": tokens_per_step(point.recipe), "lr": point.recipe.train.lr,
+        "warmup_steps": point.recipe.train.warmup_steps,
+        **{f"C_{name}": float(f"{point.per_token[name] * D:.6g}") for name in conventions.FLOP_CONVENTIONS},
+        "trunk": point.trunk, "branch_step": point.branch_step,
+        "trained_tokens": D - (point.branch_step or 0) * tokens_per_step(point.recipe),
         "epochs": float(f"{D / available_tokens:.6g}") if available_tokens else None, "val_tokens": evaluation.get("val_tokens"),
         "flops_per_token": summary.get("flops_per_token"), "wall_s": round(wall_s, 2),
         "tokens_per_s": _rounded(tokens_per_second(run_dir / "metrics.jsonl")),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -26,15 +27,17 @@ from typing import Any
 import yaml
 
 from llmkit import dist, models, rundir
-from llmkit.data.lm import lm_train_data
+from llmkit.data.lm import cache_key, lm_train_data
 from llmkit.errors import DataError, LlmkitError, RecipeError
 from llmkit.recipes import ScaleRecipe, load_recipe, recipe_from_dict, recipe_to_yaml, resolve_recipe_path
-from llmkit.scaling import laws, plots, shapes
+from llmkit.scaling import conventions, laws, plots, rules, shapes
 from llmkit.scaling import sweep as planning
 from llmkit.scaling.fit import load_points, write_fit_json
 from llmkit.stages import pretrain
 
-SWEEP_FILES = ("sweep.jsonl", "sweep.csv", "fit.json", "fit.png")
+DATA_FILE = "data.json"
+SWEEP_FILES = ("sweep.jsonl", "sweep.csv", "fit.json", "fit.png", DATA_FILE)
+BUDGET_TOLERANCE = 0.05  # a written recipe may spend the budget give or take this share (whole optimizer steps)
 ORDERS_BEYOND = 2.0  # warn when a budget lies more than this many orders of magnitude outside the swept C
 
 
@@ -63,27 +66,37 @@ def plan_lines(recipe: ScaleRecipe, plan: planning.Plan | None = None, note: str
         vocab, _, note = _vocab(base)
         plan = planning.plan(recipe, vocab)
     base = plan.base
-    per_step = planning.tokens_per_step(base)
     grid = recipe.grid
     mode = f"{len(grid.flops)} IsoFLOP budget(s)" if grid.flops else f"{len(grid.sizes)} sizes x {len(grid.tokens)} token budgets"
-    rule = "constant" if recipe.lr_rule == "constant" else f"inverse_sqrt (lr x (N_base / N)^0.5, N_base {plan.base_params:,})"
     lines = [
         f"stage:            scale ({len(plan.points)} pretrain runs: {mode})",
         f"base:             {plan.base_where}",
-        f"N counts:         {recipe.param_convention} parameters; C = 6 N D",
-        f"batch:            {base.train.micro_batch_size} micro-batch x {base.train.grad_accum_steps} accum x "
-        f"{base.data.seq_len} seq_len x {dist.world_size()} process(es) = {per_step:,} tokens per step, every point",
-        f"learning rate:    {rule}; base lr {base.train.lr:g}",
-        f"{'point':<22} {'layers':>6} {'hidden':>6} {'heads':>5} {'N':>12} {'D':>12} {'C':>9} {'steps':>7} {'lr':>9}",
+        f"N counts:         {recipe.param_convention} parameters; the law's C = 6 N D; IsoFLOP budgets in {recipe.flop_convention} "
+        f"({conventions.DESCRIPTIONS[recipe.flop_convention]})",
     ]
+    lines += [f"rule:             {line}" for line in plan.rules]
+    if plan.trunks:
+        lines.append(
+            f"branching:        {len(plan.trunks)} stable phase(s) (constant lr after warmup), each point a wsd cooldown of "
+            f"train.decay_fraction {base.train.decay_fraction} of its steps from the stable phase's checkpoint (Hägele et al. 2024)"
+        )
+    lines.append(
+        f"{'point':<22} {'layers':>6} {'hidden':>6} {'N':>10} {'D':>10} {'batch':>6} {'steps':>6} {'warmup':>6} {'branch':>6} "
+        f"{'lr':>8}  {'C: ' + ' / '.join(conventions.FLOP_CONVENTIONS)}"
+    )
     for p in plan.points:
         s = p.sized.shape
+        c = " / ".join(f"{p.per_token[name] * p.tokens:.3g}" for name in conventions.FLOP_CONVENTIONS)
+        lr = p.recipe.train.muon_lr if recipe.lr_rule == "fitted" and p.recipe.train.optimizer == "muon" else p.recipe.train.lr
         lines.append(
-            f"{p.name:<22} {s.layers:>6} {s.hidden:>6} {s.heads:>5} {p.N:>12,} {p.tokens:>12,} "
-            f"{6.0 * p.N * p.tokens:>9.2e} {p.steps:>7,} {p.recipe.train.lr:>9.3g}"
+            f"{p.name:<22} {s.layers:>6} {s.hidden:>6} {p.N:>10,} {p.tokens:>10,} {planning.tokens_per_step(p.recipe):>6,} "
+            f"{p.steps:>6,} {p.recipe.train.warmup_steps:>6,} {'-' if p.branch_step is None else p.branch_step:>6} {lr:>8.3g}  {c}"
         )
-    total_tokens = sum(p.tokens for p in plan.points)
-    lines.append(f"total:            {total_tokens:,} tokens, {sum(6.0 * p.N * p.tokens for p in plan.points):.3g} FLOPs (6 N D)")
+    trained, independent = plan.trained_tokens()
+    total = f"total:            {trained:,} tokens trained"
+    if plan.trunks:
+        total += f" ({independent:,} as independent runs: {trained / independent:.0%})"
+    lines.append(total + f", {sum(6.0 * p.N * p.tokens for p in plan.points):.3g} FLOPs of points (6 N D)")
     lines += [f"note:             {n}" for n in plan.notes + ([note] if note else [])]
     lines.append(f"output_dir:       {recipe.output_dir}")
     return lines
@@ -93,6 +106,24 @@ def _available_tokens(recipe, tokenizer) -> int | None:
     """Training tokens the data holds (whole blocks), None for streamed data, where it is unknown until read."""
     data = lm_train_data(recipe, tokenizer)
     return None if data.train is None else len(data.train) * recipe.data.seq_len
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write a file atomically unless it already says the same (a rerun of a finished sweep changes nothing)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    rundir.write_text_atomic(path, text)
+
+
+def _data_record(recipe, tokenizer, available: int | None) -> dict[str, Any]:
+    """What the sweep trained on (data.json): the tokenization cache's fingerprint of its sources, and their size in tokens."""
+    return {
+        "fingerprint": cache_key(recipe, tokenizer), "train": recipe.data.model_dump(mode="json")["train"],
+        "train_tokens": available, "seq_len": recipe.data.seq_len,
+    }
 
 
 def _check_tokens(plan: planning.Plan, available: int | None, allow_repeat: bool) -> None:
@@ -187,23 +218,100 @@ def sweep(recipe: ScaleRecipe, overwrite: bool = False) -> str:
         _check_tokens(plan, available, recipe.allow_repeat)
         # 3. Run each point in grid order; the tables are rewritten after each one.
         if dist.rank() == 0:
+            _write_if_changed(output_dir / DATA_FILE, json.dumps(_data_record(plan.points[0].recipe, tokenizer, available), indent=1) + "\n")
             if claimed.state == "replace":
                 _clear(output_dir)
             _write_recipe_if_changed(recipe, output_dir)
             for line in plan_lines(recipe, plan):
                 dist.log(line)
         records = []
+        order = sorted(plan.points, key=lambda p: (list(plan.trunks).index(p.trunk), p.branch_step)) if plan.trunks else plan.points
+        started = time.perf_counter()
         with _one_process_group():
-            for index, point in enumerate(plan.points, start=1):
-                records.append(_run_point(point, index, len(plan.points), available))
+            for index, point in enumerate(order, start=1):
+                if point.trunk is None:
+                    records.append(_run_point(point, index, len(order), available))
+                else:
+                    records.append(_run_branch(point, plan.trunks[point.trunk], index, len(order), available))
                 if dist.rank() == 0:
                     _write_tables(output_dir, records)
     if dist.rank() != 0:
         return ""
-    return "\n".join(result_lines(records) + [
-        f"wrote:  {output_dir / 'sweep.jsonl'}, {output_dir / 'sweep.csv'}",
-        f"next:   llmkit scale fit {output_dir}",
+    trained, independent = plan.trained_flops()
+    cost = [f"compute: {trained:.3g} training FLOPs (6N_attention)"]
+    if plan.trunks:
+        cost[0] += f" with {len(plan.trunks)} shared stable phase(s); {independent:.3g} as independent runs ({trained / independent:.0%})"
+    return "\n".join(result_lines(records) + cost + [
+        f"wall:    {time.perf_counter() - started:.1f} s for this invocation",
+        f"wrote:   {output_dir / 'sweep.jsonl'}, {output_dir / 'sweep.csv'}",
+        f"next:    llmkit scale fit {output_dir}",
     ])
+
+
+def _copy_checkpoint(source: Path, run_dir: Path) -> None:
+    """Copy a complete checkpoint into run_dir/checkpoints under its own name; a kill mid-copy leaves no complete one."""
+    target = run_dir / rundir.CHECKPOINTS / source.name
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = rundir.temp_path(target.parent, source.name)
+    shutil.copytree(source, partial)
+    partial.replace(target)
+
+
+def _branch_from_trunk(point: planning.Point, trunk: Any) -> str:
+    """Make the point's run directory hold the stable phase's checkpoint at its branch step; how (for the log)."""
+    trunk_dir = Path(trunk.output_dir)
+    segment = trunk.model_copy(update={"train": trunk.train.model_copy(update={"max_steps": point.branch_step})})
+    found = dict(rundir.complete_checkpoints(trunk_dir)) if trunk_dir.is_dir() else {}
+    if point.branch_step not in found:
+        if found and max(found) > point.branch_step:
+            return "independent"  # the stable phase is past this budget's branch step (a budget added later)
+        dist.log(f"scale: stable phase {trunk_dir.name}: training to step {point.branch_step:,} (constant lr after warmup)")
+        try:
+            pretrain.run(segment)
+        except LlmkitError as exc:
+            raise type(exc)(f"stable phase {trunk_dir.name} ({trunk_dir}): {exc}") from None
+        found = dict(rundir.complete_checkpoints(trunk_dir))
+    if dist.rank() == 0:
+        run_dir = Path(point.recipe.output_dir)
+        rundir.write_resolved(point.recipe, run_dir)
+        if (trunk_dir / "metrics.jsonl").is_file() and not (run_dir / "metrics.jsonl").exists():
+            shutil.copyfile(trunk_dir / "metrics.jsonl", run_dir / "metrics.jsonl")  # the stable phase's history, up to the branch
+        _copy_checkpoint(found[point.branch_step], run_dir)
+    if dist.world_size() > 1:
+        dist.process_state().wait_for_everyone()  # every process resumes from the copy rank 0 made
+    return "branched"
+
+
+def _run_branch(point: planning.Point, trunk: Any, index: int, total: int, available: int | None) -> dict[str, Any]:
+    """The record of one point of a branched sweep: its cooldown resumed from the stable phase's checkpoint."""
+    record = planning.read_record(point)
+    run_dir = Path(point.recipe.output_dir)
+    state = rundir.claim(point.recipe, what="sweep point").state
+    if record is not None and state == "same":
+        dist.log(f"scale: point {index}/{total} {point.name}: finished, skipped (loss {record['loss']:.4f})")
+        return record
+    how = "resumed"
+    if state == "new" or not rundir.complete_checkpoints(run_dir):
+        how = _branch_from_trunk(point, trunk)
+    if how == "independent":
+        dist.log(f"scale: point {index}/{total} {point.name}: the stable phase is past step {point.branch_step:,}; trained on its own")
+        independent = dataclasses.replace(point, trunk=None, branch_step=None)
+        return _run_point(independent, index, total, available)
+    dist.log(
+        f"scale: point {index}/{total} {point.name}: {point.sized.describe()}; cooldown from step {point.branch_step:,} "
+        f"of stable phase {point.trunk} to step {point.steps:,} ({how})"
+    )
+    started = time.perf_counter()
+    try:
+        summary = pretrain.run(point.recipe)
+    except LlmkitError as exc:
+        raise type(exc)(f"point {point.name} ({run_dir}): {exc}") from None
+    record = planning.make_record(point, summary, time.perf_counter() - started, available)
+    if dist.rank() == 0:
+        rundir.write_json_atomic(run_dir / planning.RECORD, record)
+    return record
 
 
 def result_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -252,11 +360,48 @@ def fit(data: Path, output: Path | None = None, n_boot: int = 200, param_convent
     report = laws.fit_points(points, rows, n_boot=n_boot, seed=seed)
     report["param_convention"] = _convention(points, rows, param_convention)
     report["sweep"] = str(data) if data.is_dir() else None
+    report["provenance"] = _provenance(data, Path(points.source), report["param_convention"])
     target = Path(output) if output else (data / "fit.json" if data.is_dir() else data.with_name(f"{data.stem}.fit.json"))
     picture = target.with_suffix(".png")
     write_fit_json(target, report)
+    # The numbers first: a plot of many points takes a while, and the fit is what was asked for.
+    for line in fit_lines(report) + [f"wrote:       {target}"]:
+        print(line, flush=True)
     plots.plot_fit(report, points, rows, picture)
-    return "\n".join(fit_lines(report) + [f"wrote:       {target}, {picture}", f"next:        llmkit scale recommend --flops 1e15 --fit {target}"])
+    return "\n".join([f"wrote:       {picture}", f"next:        llmkit scale recommend --flops 1e15 --fit {target}"])
+
+
+def _provenance(data: Path, points_file: Path, param_convention: str | None) -> dict[str, Any]:
+    """What makes the fit reproducible: llmkit's version, the points file's hash, and for a sweep its conventions,
+    per-point rules and data (fingerprint and size)."""
+    import hashlib
+
+    import llmkit
+
+    out: dict[str, Any] = {
+        "llmkit_version": llmkit.__version__, "points_file": str(points_file),
+        "points_sha256": hashlib.sha256(points_file.read_bytes()).hexdigest(), "param_convention": param_convention,
+        "flop_convention": None, "rules": None, "schedule": None, "data": None,
+    }
+    if not data.is_dir() or not (data / "recipe.yaml").is_file():
+        return out
+    try:
+        sweep = load_recipe(data / "recipe.yaml", stage="scale")
+        base, _ = planning.base_recipe(sweep)
+        hp = rules.load_hp(sweep.hp_fit) if sweep.hp_fit is not None else None
+    except LlmkitError as exc:
+        dist.log(f"note: {data / 'recipe.yaml'} no longer loads ({exc}); fit.json records no rules")
+        return out
+    out.update(
+        flop_convention=sweep.flop_convention, rules=rules.provenance(sweep.lr_rule, sweep.batch_rule, sweep.warmup_rule, hp),
+        schedule=("branched wsd: one stable phase per size, cooldown of train.decay_fraction "
+                  f"{base.train.decay_fraction}") if sweep.branch else f"independent runs, train.schedule {base.train.schedule}",
+    )
+    try:
+        out["data"] = json.loads((data / DATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        out["data"] = None
+    return out
 
 
 def fit_lines(report: dict[str, Any]) -> list[str]:
@@ -275,7 +420,7 @@ def fit_lines(report: dict[str, Any]) -> list[str]:
         interval = boot["intervals"].get(name)
         span = f"[{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "-"
         lines.append(f"  {name:<10} {value:>12.5g}   {span}")
-    if report["kind"] == "chinchilla":
+    if report["kind"] == "chinchilla" and not report.get("degenerate"):
         a = report["derived"]["a"]
         interval = boot["intervals"].get("a")
         span = f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval else ""
@@ -305,10 +450,18 @@ def fit_lines(report: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"approach 2:  not available (biased anyway): {a2['reason'].split(' (')[0]}")
         for row in report["optimum_at"]:
-            if "N" in row:
+            if "N" in row and not report.get("degenerate"):
                 lines.append(
                     f"optimum:     C {row['C']:.3g}: N* {row['N']:.3g}, D* {row['D']:.3g} ({row['tokens_per_param']:.1f} tokens per parameter), loss {row['loss']:.4f}"
                 )
+    prov = report.get("provenance") or {}
+    if prov.get("rules"):
+        lines.append(f"sweep:       {prov['schedule']}; IsoFLOP budgets in {prov['flop_convention']}; " + "; ".join(prov["rules"]["lines"]))
+    if prov.get("data"):
+        size = prov["data"].get("train_tokens")
+        lines.append(f"data:        {prov['data']['fingerprint']}" + (f" ({size:,} training tokens)" if size else ""))
+    if report.get("degenerate"):
+        lines.append(f"warning:     degenerate fit: {report['degenerate']}; `scale recommend` refuses it")
     return lines
 
 
@@ -370,7 +523,7 @@ def _budget(flops, gpu_hours, tokens_per_s, at_params, base, convention) -> tupl
     return C, f"{gpu_hours:g} GPU-hours x {tokens_per_s:,.0f} tokens/s x 6 x {where}"
 
 
-def _shape_for(unsized, N: float, convention: str) -> tuple[shapes.SizedModel, Any, str]:
+def _shape_for(unsized, N: float, convention: str) -> tuple[shapes.SizedModel, Any, str, int | None]:
     """The concrete shape nearest N* for the base's model.type (a llama with a 32,000-token vocabulary without a base),
     and the recipe that builds it."""
     if unsized is None:
@@ -384,7 +537,7 @@ def _shape_for(unsized, N: float, convention: str) -> tuple[shapes.SizedModel, A
     dial = unsized.model.model_copy(update={"target_params": max(1, int(round(N))), "param_convention": convention})
     target = unsized.model_copy(update={"model": dial})
     sized = shapes.choose(target, vocab)
-    return sized, models.model_config(shapes.sized_recipe(target, vocab), vocab), note
+    return sized, models.model_config(shapes.sized_recipe(target, vocab), vocab), note, vocab
 
 
 def recommend(
@@ -411,9 +564,11 @@ def recommend(
     C, how = _budget(flops, gpu_hours, tokens_per_s, at_params, base_recipe, convention)
     # 2. The optimum (closed form of the fitted law) and the shape that hits N*.
     best = laws.optimum(law, C)
-    sized, config, shape_note = _shape_for(unsized, best.N, convention)
+    sized, config, shape_note, vocab = _shape_for(unsized, best.N, convention)
+    _check_possible(best, vocab, law)
     seq_len = unsized.data.seq_len if unsized is not None else 512  # the default llama of _shape_for
     flops_per_token = models.flops_per_token(config, sized.counts["matmul"], seq_len)
+    per_token = conventions.flops_per_token(sized.counts, sized.shape.layers, sized.shape.hidden, seq_len, convention)
     lines = [_law_line(law, fit_path), f"budget:      C = {C:.4g} FLOPs (6 N D, N = {convention} parameters; {how})"]
     if law.convention is None and param_convention is None:
         lines.append("note:        the points file does not say what N counts; taken as non_embedding (set --param-convention)")
@@ -421,21 +576,69 @@ def recommend(
         lines.append(f"note:        the law counts N as {law.convention} parameters; the shape below is sized as {convention}")
     lines += _optimum_lines(best)
     lines.append(f"model:       {sized.describe()}" + (f" ({shape_note})" if shape_note else ""))
+    lines.append(f"compute:     of this model on D* tokens, by convention: {conventions.side_by_side(per_token, best.D)} FLOPs")
     # 3. Steps at the base's batch, wall time at the sweep's measured speed, extrapolation warning.
     if base_recipe is not None:
         per_step = planning.tokens_per_step(base_recipe, 1)
         lines.append(f"steps:       {math.ceil(best.D / per_step):,} at the base's batch of {per_step:,} tokens (one process)")
     lines += _time_lines(law, best.D * flops_per_token, gpu_hours)
     lines += _range_warning(law, C)
+    ratio = per_token["6N_attention"] / per_token["6N"]
+    if ratio > 1.5:
+        lines.append(
+            f"note:        this model's training FLOPs with the output layer and attention (6N_attention) are {ratio:.1f}x the "
+            f"6 N D the law splits, N counting {convention} parameters: at this size they dominate (Porian et al. 2024); "
+            "a fit with --param-convention matmul counts the output layer"
+        )
     if write_recipe is not None:
-        lr_scale = 1.0
-        if scale_recipe is not None and scale_recipe.lr_rule == "inverse_sqrt":
-            # The sweep's learning-rate rule, so the recommended model trains the way its points did.
-            vocab, _, _ = _vocab(base_recipe)
-            lr_scale = math.sqrt(planning.model_size(base_recipe, vocab, scale_recipe.param_convention) / sized.counts[scale_recipe.param_convention])
-        path = _write_recipe(Path(write_recipe), raw, sized, best, law, base_where, how, lr_scale)
+        train, rule_note = _recipe_rules(scale_recipe, base_recipe, sized, best)
+        path = _write_recipe(Path(write_recipe), raw, sized, best, law, base_where, how, train, rule_note)
         lines.append(f"wrote:       {path} (run it: llmkit pretrain {path})")
     return "\n".join(lines)
+
+
+def _recipe_rules(scale_recipe, base_recipe, sized: shapes.SizedModel, best: laws.Optimum) -> tuple[dict[str, Any], str]:
+    """The train.* keys the sweep's lr, batch and warmup rules give the recommended model, and a note naming the rules."""
+    if scale_recipe is None or base_recipe is None:
+        return {}, ""
+    cfg = base_recipe.train
+    seq_len = base_recipe.data.seq_len
+    hp = rules.load_hp(scale_recipe.hp_fit) if scale_recipe.hp_fit is not None else None
+    base_params = None
+    if scale_recipe.lr_rule == "inverse_sqrt":
+        vocab, _, _ = _vocab(base_recipe)
+        base_params = planning.model_size(base_recipe, vocab, scale_recipe.param_convention)
+    per_token = conventions.flops_per_token(sized.counts, sized.shape.layers, sized.shape.hidden, seq_len, sized.convention)
+    inputs = rules.PointInputs(
+        counts=sized.counts, tokens=int(round(best.D)), M_per_token=per_token["M"], convention=scale_recipe.param_convention,
+        base_lr=cfg.lr, base_batch_tokens=planning.tokens_per_step(base_recipe, 1), base_params=base_params,
+    )
+    lr = rules.lr_for(scale_recipe.lr_rule, inputs, hp)
+    train: dict[str, Any] = {"lr": float(f"{lr:.4g}"), "min_lr": float(f"{cfg.min_lr * lr / cfg.lr:.4g}")}
+    if scale_recipe.lr_rule == "fitted" and hp is not None and hp.optimizer == "muon":
+        train = {"muon_lr": float(f"{lr:.4g}")}
+    if scale_recipe.batch_rule != "constant":
+        micro, accum = rules.batch_layout(rules.batch_tokens_for(scale_recipe.batch_rule, inputs, hp), seq_len, cfg.micro_batch_size)
+        train.update(micro_batch_size=micro, grad_accum_steps=accum)
+    if scale_recipe.warmup_rule == "porian":
+        per_step = train.get("micro_batch_size", cfg.micro_batch_size) * train.get("grad_accum_steps", cfg.grad_accum_steps) * seq_len
+        train["warmup_steps"] = rules.warmup_steps_for("porian", 0.0, 0, sized.counts[scale_recipe.param_convention], per_step)
+    note = "; ".join(rules.describe(scale_recipe.lr_rule, scale_recipe.batch_rule, scale_recipe.warmup_rule, hp))
+    return train, f"the sweep's rules ({note})"
+
+
+def _check_possible(best: laws.Optimum, vocab: int | None, law: laws.Law) -> None:
+    """LlmkitError when the law predicts a loss no model can have: above a uniform guess over the vocabulary."""
+    if not vocab or vocab < 2:
+        return
+    uniform = math.log(vocab)
+    if best.loss > uniform:
+        where = f" (the sweep spans C = {law.C_range[0]:.3g} .. {law.C_range[1]:.3g})" if law.C_range else ""
+        raise LlmkitError(
+            f"the law predicts a loss of {best.loss:.2f} nats at C = {best.C:.3g}{where}, worse than guessing uniformly "
+            f"over the {vocab:,}-token vocabulary (ln {vocab:,} = {uniform:.2f}): the budget lies where the fit does not hold; "
+            "give a budget inside the swept range, or sweep smaller models"
+        )
 
 
 def _law_line(law: laws.Law, fit_path: Path | None) -> str:
@@ -499,31 +702,41 @@ def _range_warning(law: laws.Law, C: float) -> list[str]:
 
 def _write_recipe(
     path: Path, raw: dict[str, Any], sized: shapes.SizedModel, best: laws.Optimum, law: laws.Law, base_where: str, how: str,
-    lr_scale: float = 1.0,
+    train_rules: dict[str, Any], rule_note: str,
 ) -> Path:
-    """A pretrain recipe of the base with the recommended shape, train.max_tokens = D* and the sweep's lr rule; checked first."""
+    """A pretrain recipe of the base with the recommended shape, the tokens that spend the budget on it and the sweep's
+    rules; LlmkitError, writing nothing, when whole optimizer steps cannot spend the budget within BUDGET_TOLERANCE."""
     data = json.loads(json.dumps(raw))
     data["model"] = {k: v for k, v in data["model"].items() if k not in ("aspect_ratio", "param_convention")}
     data["model"].update(shapes.shape_keys(sized.model_type, sized.shape))
     train = data.setdefault("train", {})
     train.pop("max_steps", None)
-    train["max_tokens"] = int(round(best.D))
-    if lr_scale != 1.0:
-        base_lr = recipe_from_dict(json.loads(json.dumps(raw)), where=base_where, stage="pretrain").train
-        train["lr"], train["min_lr"] = float(f"{base_lr.lr * lr_scale:.4g}"), float(f"{base_lr.min_lr * lr_scale:.4g}")
+    train.update(train_rules)
+    # D for the shape actually built, so that 6 N D of the recipe is the budget (N* is only hit within the dial's tolerance).
+    N = sized.counts[sized.convention]
+    tokens = best.C / (6.0 * N)
+    train["max_tokens"] = max(1, int(round(tokens)))
     data["output_dir"] = f"runs/{path.stem}"
     recipe = recipe_from_dict(json.loads(json.dumps(data)), where=str(path), stage="pretrain")
-    steps = math.ceil(best.D / planning.tokens_per_step(recipe, 1))
-    if recipe.train.warmup_steps > steps:
+    per_step = planning.tokens_per_step(recipe, 1)
+    steps = math.ceil(train["max_tokens"] / per_step)
+    spent = 6.0 * N * steps * per_step
+    if abs(spent / best.C - 1.0) > BUDGET_TOLERANCE:
+        raise LlmkitError(
+            f"--write-recipe {path}: {steps:,} whole step(s) of {per_step:,} tokens on this {N:,}-parameter model cost "
+            f"{spent:.3g} FLOPs (6 N D), {spent / best.C:.2f}x the budget of {best.C:.3g}: the budget is a few optimizer steps; "
+            "give a larger budget, or a base with a smaller batch (train.micro_batch_size)"
+        )
+    if recipe.train.warmup_steps > steps or (recipe.train.schedule == "wsd" and recipe.train.warmup_steps + max(1, round(recipe.train.decay_fraction * steps)) > steps):
         train["warmup_steps"] = max(0, steps // 10)
         recipe_from_dict(json.loads(json.dumps(data)), where=str(path), stage="pretrain")
     header = [
-        f"# Compute-optimal {sized.model_type} for C = {best.C:.3g} FLOPs: N* {best.N:.3g} ({sized.convention}), D* {best.D:.3g} tokens, "
-        f"predicted loss {best.loss:.3f}.",
+        f"# Compute-optimal {sized.model_type} for C = {best.C:.3g} FLOPs (6 N D): N* {best.N:.3g} ({sized.convention}), this shape "
+        f"{N:,}; D {train['max_tokens']:.3g} tokens, predicted loss {best.loss:.3f}.",
         f"# Run:      llmkit pretrain {path}",
         f"# Override: llmkit pretrain {path} --set train.micro_batch_size=4",
         f"# Written by `llmkit scale recommend` from {law.source}; base {base_where}; budget {how}"
-        + (f"; lr x {lr_scale:.3g} by the sweep's lr_rule inverse_sqrt." if lr_scale != 1.0 else "."),
+        + (f"; {rule_note}." if rule_note else "."),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     return rundir.write_text_atomic(path, "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -1,0 +1,120 @@
+"""`llmkit scale fit` and `scale recommend` on input they must refuse or survive: many distinct sizes, bytes that
+are not UTF-8, a fit.json with strings for numbers, degenerate fits, and predictions no model can reach.
+
+    pytest tests/test_scale_inputs.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from pretrain_helpers import assert_clean_error, tree_snapshot
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.scaling import plots
+
+runner = CliRunner()
+LAW = {"E": 1.8, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
+
+
+def _grid_csv(path, loss=None):
+    rows = ["N,D,loss"]
+    for N in (1e6, 3e6, 1e7, 3e7, 1e8):
+        for D in (2e7, 6e7, 2e8, 6e8):
+            value = LAW["E"] + LAW["A"] / N ** LAW["alpha"] + LAW["B"] / D ** LAW["beta"] if loss is None else loss(N, D)
+            rows.append(f"{N},{D},{value}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_fit_of_thousands_of_distinct_sizes_prints_the_fit_and_bounds_the_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    N, D = 10 ** rng.uniform(6, 8, 2000), 10 ** rng.uniform(7, 9, 2000)
+    loss = LAW["E"] + LAW["A"] / N ** LAW["alpha"] + LAW["B"] / D ** LAW["beta"]
+    path = tmp_path / "big.csv"
+    path.write_text("N,D,loss\n" + "".join(f"{n},{d},{x}\n" for n, d, x in zip(N, D, loss, strict=True)))
+    groups = plots._bounded_groups(N)
+    assert len(groups) <= plots.MAX_SERIES and sorted(np.concatenate(groups).tolist()) == list(range(2000))
+    result = runner.invoke(app, ["scale", "fit", str(path), "--bootstrap", "0", "-o", str(tmp_path / "big.json")])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    # The constants come first, then the plot is drawn.
+    assert out.index("alpha") < out.index("big.json") < out.index("big.png")
+    assert (tmp_path / "big.png").stat().st_size > 0
+    fit = json.loads((tmp_path / "big.json").read_text())
+    assert fit["constants"]["alpha"] == pytest.approx(LAW["alpha"], rel=0.02)
+
+
+def test_fit_of_a_file_that_is_not_utf8_exits_2(tmp_path):
+    path = tmp_path / "bin.csv"
+    path.write_bytes(b"N,D,loss\n\xff\xfe\x00\x01\n")
+    assert_clean_error(runner.invoke(app, ["scale", "fit", str(path)]), "bin.csv: not UTF-8 text", "byte 9", "line 2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin.csv"]
+
+
+def test_fit_of_points_with_one_loss_exits_2_and_writes_nothing(tmp_path):
+    path = _grid_csv(tmp_path / "const.csv", loss=lambda N, D: 3.0)
+    assert_clean_error(runner.invoke(app, ["scale", "fit", str(path)]), "const.csv", "every point has the same loss (3)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["const.csv"]
+
+
+def test_a_degenerate_fit_warns_and_recommend_refuses_it(tmp_path):
+    # The loss does not depend on N at all: alpha fits to ~0.
+    path = _grid_csv(tmp_path / "flat.csv", loss=lambda N, D: 1.8 + 410.0 / D**0.28)
+    result = runner.invoke(app, ["scale", "fit", str(path), "--bootstrap", "0", "-o", str(tmp_path / "flat.json")])
+    assert result.exit_code == 0, result.output
+    assert "warning:     degenerate fit: alpha" in result.stdout and "optimum:" not in result.stdout
+    assert json.loads((tmp_path / "flat.json").read_text())["degenerate"].startswith("alpha")
+    refused = runner.invoke(app, ["scale", "recommend", "--flops", "1e18", "--fit", str(tmp_path / "flat.json")])
+    assert_clean_error(refused, "flat.json: a degenerate law (alpha", "does not fall with N")
+
+
+@pytest.fixture(scope="module")
+def good_fit(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good-fit")
+    result = runner.invoke(app, ["scale", "fit", str(_grid_csv(d / "good.csv")), "--bootstrap", "20", "-o", str(d / "fit.json")])
+    assert result.exit_code == 0, result.output
+    return d / "fit.json"
+
+
+def _strings_for_floats(value):
+    if isinstance(value, dict):
+        return {k: _strings_for_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strings_for_floats(v) for v in value]
+    return "abc" if isinstance(value, float) else value
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (_strings_for_floats, ["constants.E is 'abc', not a number"]),
+        (lambda d: {**d, "constants": {**d["constants"], "beta": None}}, ["constants.beta is None"]),
+        (lambda d: {**d, "bootstrap": {**d["bootstrap"], "draws": [["x"]]}}, ["bootstrap.draws is not a table of numbers"]),
+        (lambda d: {**d, "ranges": {"C": ["1", 2]}}, ["ranges.C.0 is '1'"]),
+        (lambda d: {**d, "throughput": {"flops_per_s": "fast", "tokens_per_s": 1.0}}, ["throughput.flops_per_s is 'fast'"]),
+        (lambda d: {**d, "param_convention": 7}, ["param_convention is 7"]),
+    ],
+)
+def test_recommend_from_a_fit_json_with_bad_numbers_exits_2(tmp_path, good_fit, change, fragments):
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(change(json.loads(good_fit.read_text()))))
+    before = tree_snapshot(tmp_path)
+    assert_clean_error(runner.invoke(app, ["scale", "recommend", "--flops", "1e18", "--fit", str(broken)]), "broken.json", *fragments)
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_recommend_refuses_a_loss_worse_than_a_uniform_guess(tmp_path, good_fit):
+    # A law whose loss at a budget far below the sweep exceeds ln(32,000) = 10.37 nats (the default llama's vocabulary).
+    data = json.loads(good_fit.read_text())
+    data["constants"].update(E=1.8, A=4000.0, alpha=0.34)
+    steep = tmp_path / "steep.json"
+    steep.write_text(json.dumps(data))
+    result = runner.invoke(app, ["scale", "recommend", "--flops", "1e12", "--fit", str(steep)])
+    line = assert_clean_error(result, "worse than guessing uniformly", "32,000-token vocabulary", f"ln 32,000 = {math.log(32000):.2f}")
+    assert "nats at C = 1e+12" in line
+    assert runner.invoke(app, ["scale", "recommend", "--flops", "1e20", "--fit", str(steep)]).exit_code == 0
