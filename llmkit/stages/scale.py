@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from llmkit import dist, models, rundir
+from llmkit import __version__, dist, models, rundir
 from llmkit.data.lm import cache_key, lm_train_data
 from llmkit.errors import DataError, LlmkitError, RecipeError
 from llmkit.recipes import ScaleRecipe, load_recipe, recipe_from_dict, recipe_to_yaml, resolve_recipe_path
@@ -374,12 +375,8 @@ def fit(data: Path, output: Path | None = None, n_boot: int = 200, param_convent
 def _provenance(data: Path, points_file: Path, param_convention: str | None) -> dict[str, Any]:
     """What makes the fit reproducible: llmkit's version, the points file's hash, and for a sweep its conventions,
     per-point rules and data (fingerprint and size)."""
-    import hashlib
-
-    import llmkit
-
     out: dict[str, Any] = {
-        "llmkit_version": llmkit.__version__, "points_file": str(points_file),
+        "llmkit_version": __version__, "points_file": str(points_file),
         "points_sha256": hashlib.sha256(points_file.read_bytes()).hexdigest(), "param_convention": param_convention,
         "flop_convention": None, "rules": None, "schedule": None, "data": None,
     }
