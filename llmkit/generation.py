@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmkit.models import max_positions
-from llmkit.prompts import encode_prompts
+from llmkit.prompts import encode_prompts, stop_token_ids
 from llmkit.recipes import GenerationSpec
 
 # ----------------------------------------------------------------------------------------------
@@ -31,7 +31,8 @@ def generation_config(spec: GenerationSpec, tokenizer, num_return_sequences: int
         "num_beams": spec.num_beams,
         "repetition_penalty": spec.repetition_penalty,
         "num_return_sequences": num_return_sequences,
-        "eos_token_id": tokenizer.eos_token_id,
+        # EOS and the chat template's end-of-turn token(s): a chat model ends its reply with the latter.
+        "eos_token_id": _eos_setting(tokenizer),
         "pad_token_id": tokenizer.pad_token_id
         if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id,
@@ -46,6 +47,12 @@ def generation_config(spec: GenerationSpec, tokenizer, num_return_sequences: int
     if spec.num_beams > 1:
         settings["early_stopping"] = True
     return GenerationConfig(**settings)
+
+
+def _eos_setting(tokenizer) -> int | list[int] | None:
+    """generation_config.eos_token_id for a tokenizer: one id, or a list when a chat template ends turns with another token."""
+    ids = stop_token_ids(tokenizer)
+    return (ids[0] if len(ids) == 1 else ids) if ids else None
 
 
 def stop_criteria(tokenizer, stop: Sequence[str], prompt_width: int):
@@ -141,10 +148,10 @@ def generate_ids(
 
 
 def decode_continuation(tokenizer, ids: list[int], stop: Sequence[str]) -> str:
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    """The continuation's text up to its first EOS or end-of-turn token, then cut at the first stop string."""
+    ends = set(stop_token_ids(tokenizer))
     for j, t in enumerate(ids):
-        if t in eos_ids:
+        if t in ends:
             ids = ids[:j]
             break
     return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)

@@ -29,9 +29,9 @@ import yaml
 
 from llmkit.data.sources import hub_host_resolves, source_names
 from llmkit.errors import ModelError, RecipeError, did_you_mean
-from llmkit.prompts import ensure_chat_template
+from llmkit.prompts import ensure_chat_template, stop_token_ids
 from llmkit.recipes import bundled_command_writing, check_model_overrides, load_recipe, recipe_to_yaml
-from llmkit.rundir import CHECKPOINTS, MARKER, latest_checkpoint, write_text_atomic
+from llmkit.rundir import latest_checkpoint, run_dir_of, training_checkpoint, write_text_atomic
 
 VOCAB_MULTIPLE = 64
 
@@ -299,25 +299,6 @@ def where_failed(path: str, exc: BaseException) -> str:
     if not Path(path).expanduser().exists():
         return f"{path}: no such directory, and no Hub model of that name could be loaded ({reason})"
     return f"cannot load from {path} ({reason})"
-
-
-def training_checkpoint(path: str | Path) -> Path | None:
-    """The run directory of an intermediate training checkpoint (RUN/checkpoints/step-N), None for anything else.
-
-    Such a checkpoint holds the trained weights but no config.json or tokenizer: the model is rebuilt
-    from the run's recipe.yaml exactly as training built it (`load_model`), so eval and generate take
-    `runs/x/checkpoints/step-00000100` like any model directory.
-    """
-    local = Path(path).expanduser()
-    run = local.parent.parent
-    if local.parent.name == CHECKPOINTS and (local / MARKER).is_file() and (run / "recipe.yaml").is_file():
-        return None if (local / "config.json").is_file() else run
-    return None
-
-
-def run_dir_of(path: str | Path) -> Path:
-    """The run directory a model path belongs to: itself, or the run of an intermediate checkpoint."""
-    return training_checkpoint(path) or Path(path).expanduser()
 
 
 def _checkpoint_recipe(path: str, where: str):
@@ -815,24 +796,35 @@ model = AutoModelForCausalLM.from_pretrained("{output_dir}")
     write_text_atomic(Path(output_dir) / "README.md", card)
 
 
-def save_hf_model(model, tokenizer, output_dir: Path, weights: bool = True) -> None:
-    """Final model in Hugging Face format (safetensors), tokenizer and generation config at output_dir."""
+def export_generation_config(model, tokenizer):
+    """The GenerationConfig saved with an exported model: it stops at EOS and at the chat template's end-of-turn.
+
+    A chat model ends each reply with its template's end-of-turn token ('<|im_end|>', '<|eot_id|>'),
+    which is often not the tokenizer's EOS; without it in eos_token_id, `model.generate` and servers
+    that read generation_config.json run on past the reply.
+    """
     from transformers import GenerationConfig
 
+    gen = GenerationConfig.from_model_config(model.config)
+    stops = stop_token_ids(tokenizer)
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.eos_token_id = (stops[0] if len(stops) == 1 else stops) if stops else None
+    gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def save_hf_model(model, tokenizer, output_dir: Path, weights: bool = True) -> None:
+    """Final model in Hugging Face format (safetensors), tokenizer and generation config at output_dir."""
     quiet_progress_bars()
     output_dir = Path(output_dir)
     if weights:
         model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    gen = GenerationConfig.from_model_config(model.config)
-    gen.bos_token_id = tokenizer.bos_token_id
-    gen.eos_token_id = tokenizer.eos_token_id
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.save_pretrained(output_dir)
+    export_generation_config(model, tokenizer).save_pretrained(output_dir)
 
 
 def save_lora(model, tokenizer, output_dir: Path, merge: bool) -> None:
-    """The adapter in peft format and, with `merge`, the merged full model.
+    """The adapter in peft format and, with `merge`, the merged full model; each with the export generation config.
 
     Without merge the adapter files sit at the top of output_dir (AutoModelForCausalLM and
     PeftModel both load them when peft is installed). With merge the merged model takes the top, so
@@ -844,13 +836,15 @@ def save_lora(model, tokenizer, output_dir: Path, merge: bool) -> None:
     adapter_dir = output_dir / "adapter" if merge else output_dir
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
+    gen = export_generation_config(model.get_base_model(), tokenizer)
+    gen.save_pretrained(adapter_dir)
     if merge:
         merged = model.merge_and_unload()
         merged.config.use_cache = True  # the loop turned the cache off for training only
+        merged.generation_config = gen
         merged.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
-        if getattr(merged, "generation_config", None) is not None:
-            merged.generation_config.save_pretrained(output_dir)
+        gen.save_pretrained(output_dir)
 
 
 def enable_packing(model) -> bool:

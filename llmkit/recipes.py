@@ -466,6 +466,26 @@ class TaskSpec(Section):
     labels: list[str] | None = Field(None, description="Classification label words (default: taken from the data).")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: target tokens only).")
     max_target_tokens: int | None = Field(None, ge=1, description="Longest target kept; longer targets are errors.")
+    record_format: Literal["auto", "chat", "template"] = Field(
+        "auto",
+        description="Instruction records: chat (messages) or template (prompt_template fields); auto reads the training data.",
+    )
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
+        "all_assistant_turns", description="Chat records: train every assistant reply, or only the last one."
+    )
+    system_prompt: str | None = Field(
+        None, description="Instruction task: system message before every conversation that has none (also at generate)."
+    )
+
+    @model_validator(mode="after")
+    def _check_chat_keys(self) -> TaskSpec:
+        # These shape chat prompts; on another task they would be silently ignored.
+        if self.type != "instruction":
+            if self.record_format != "auto":
+                raise ValueError(f"task.record_format: {self.record_format!r} applies to the instruction task only; drop it")
+            if self.system_prompt is not None:
+                raise ValueError("task.system_prompt applies to the instruction task only; drop it")
+        return self
 
     @model_validator(mode="after")
     def _check_labels(self) -> TaskSpec:

@@ -488,3 +488,22 @@ def remove_if_empty(created: list[Path]) -> None:
             path.rmdir()
         except OSError:
             break
+
+
+def training_checkpoint(path: str | Path) -> Path | None:
+    """The run directory of an intermediate training checkpoint (RUN/checkpoints/step-N), None for anything else.
+
+    Such a checkpoint holds the trained weights but no config.json or tokenizer: the model is rebuilt
+    from the run's recipe.yaml exactly as training built it (`load_model`), so eval and generate take
+    `runs/x/checkpoints/step-00000100` like any model directory.
+    """
+    local = Path(path).expanduser()
+    run = local.parent.parent
+    if local.parent.name == CHECKPOINTS and (local / MARKER).is_file() and (run / "recipe.yaml").is_file():
+        return None if (local / "config.json").is_file() else run
+    return None
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory a model path belongs to: itself, or the run of an intermediate checkpoint."""
+    return training_checkpoint(path) or Path(path).expanduser()

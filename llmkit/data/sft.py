@@ -30,9 +30,15 @@ from llmkit.data.sources import decoding_settings, fingerprint, iter_located_rec
 from llmkit.data.splits import held_out_indices
 from llmkit.errors import DataError, ModelError
 from llmkit.prompts import (
+    INSTRUCTION_TEMPLATE,
+    TRAIN_ON_ALL,
     PromptTooLong,
+    chat_segments,
     check_record,
+    conversation,
+    encode_pieces,
     format_record,
+    is_chat_record,
     label_set,
     prompt_token_ids,
     task_defaults,
@@ -50,8 +56,9 @@ def require_eos(tokenizer, where: str = "tokenizer") -> int:
     return int(eos)
 
 
-CACHE_LAYOUT = 2
-"""Bump when the tokenized-example format changes, so old caches are not reused (2: the shared cache)."""
+CACHE_LAYOUT = 3
+"""Bump when the tokenized-example format changes, so old caches are not reused (2: the shared cache;
+3: chat replies end with the template's end-of-turn token, every assistant turn trained)."""
 
 
 def load_located_records(sources, max_samples: int | None = None, encoding_errors: str = "strict") -> list[tuple[str, dict]]:
@@ -93,7 +100,25 @@ def checked_records(recipe: FinetuneRecipe) -> tuple[list[tuple[str, dict]], lis
 def resolve_task(
     recipe: FinetuneRecipe, train: Sequence[tuple[str, dict]], validation: Sequence[tuple[str, dict]]
 ) -> None:
-    """Fill task.labels from the training data (classification), so recipe.yaml records the label set."""
+    """Fill in what the training data decides, so recipe.yaml records it (and resume compares it).
+
+    Classification: task.labels, the label set. Instruction: task.record_format, chat or template,
+    which is how `llmkit generate` and `llmkit eval` later prompt the model (llmkit/prompts.py
+    `run_prompt`); a run trains one format, so a mix of chat and template records is refused.
+    """
+    task = recipe.task
+    if task.type == "instruction" and task.record_format != "template":
+        chats = [where for where, record in [*train, *validation] if task.messages_field in record]
+        others = [where for where, record in [*train, *validation] if task.messages_field not in record]
+        # A prompt/response record is a one-turn chat when its template is the prompt itself; with
+        # another template it is prompted differently from a chat record, and generate could not follow both.
+        if others and (chats or task.record_format == "chat") and task_defaults(task).prompt_template != INSTRUCTION_TEMPLATE:
+            first_chat = f"{chats[0]} is a chat record" if chats else "task.record_format is chat"
+            raise DataError(
+                f"{others[0]}: this record has no '{task.messages_field}' but {first_chat}; a run trains one prompt format, "
+                "so convert the records to one format, or drop task.prompt_template"
+            )
+        task.record_format = "chat" if chats or task.record_format == "chat" else "template"
     if recipe.task.type != "classification":
         return
     labels = label_set(recipe.task, (r for _, r in train))
@@ -159,8 +184,16 @@ def tokenize_record(
             if start + seq_len >= len(ids):
                 return examples, 0
             start += seq_len - 1
+    if is_chat_record(task, record) and task.train_on == TRAIN_ON_ALL:
+        example, cut = _chat_example(task, record, tokenizer, seq_len, where)
+        if example is not None:
+            return [example], cut
+        # Not even the first reply fits: the last reply with its context shortened, as in last_assistant_turn.
     probe = format_record(task, record, tokenizer, where=where)
-    target_ids = list(tokenizer(probe.target, add_special_tokens=False, verbose=False)["input_ids"]) + [eos]
+    if probe.completion is not None:
+        target_ids = list(tokenizer(probe.completion, add_special_tokens=False, verbose=False)["input_ids"])
+    else:
+        target_ids = list(tokenizer(probe.target, add_special_tokens=False, verbose=False)["input_ids"]) + [eos]
     if task.max_target_tokens is not None and len(target_ids) - 1 > task.max_target_tokens:
         raise DataError(
             f"{where}: the target is {len(target_ids) - 1} tokens, more than task.max_target_tokens "
@@ -179,6 +212,37 @@ def tokenize_record(
     labels = prompt_labels + target_ids
     labels[0] = IGNORE_INDEX
     return [{"input_ids": input_ids, "labels": labels}], formatted.truncated_tokens
+
+
+def _chat_example(task, record: dict, tokenizer, seq_len: int, where: str) -> tuple[dict | None, int]:
+    """Every assistant reply of a conversation trained (llmkit/prompts.py `chat_segments`), cut to seq_len.
+
+    A conversation longer than seq_len keeps its turns up to the last reply that fits whole (the
+    tokens cut are returned); (None, 0) when not even the first reply fits.
+    """
+    messages, tools = conversation(task, record)
+    pieces = chat_segments(tokenizer, messages, tools, task.train_on, where)
+    ids, trained = encode_pieces(tokenizer, pieces)
+    if task.max_target_tokens is not None:
+        longest, run = 0, 0
+        for flag in trained:
+            run = run + 1 if flag else 0
+            longest = max(longest, run)
+        if longest - 1 > task.max_target_tokens:
+            raise DataError(
+                f"{where}: an assistant reply is {longest - 1} tokens, more than task.max_target_tokens "
+                f"({task.max_target_tokens}); raise it or shorten the record"
+            )
+    cut = 0
+    if len(ids) > seq_len:
+        ends = [k + 1 for k in range(min(len(ids), seq_len)) if trained[k] and (k + 1 == len(ids) or not trained[k + 1])]
+        if not ends:
+            return None, 0
+        cut = len(ids) - ends[-1]
+        ids, trained = ids[: ends[-1]], trained[: ends[-1]]
+    labels = list(ids) if task.train_on_prompt else [t if flag else IGNORE_INDEX for t, flag in zip(ids, trained, strict=True)]
+    labels[0] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}, cut
 
 
 def tokenize_records(

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from llmkit import models
+from llmkit import models, prompts
 from llmkit.data import sft
 from llmkit.data.lm import lm_train_data, open_cache, prepare_cache
 from llmkit.data.packing import IGNORE_INDEX, PackedBlocks
@@ -94,6 +94,8 @@ def inspect(recipe: FinetuneRecipe, num_examples: int = 3) -> None:
     sft.check_records(recipe, records)
     if recipe.task.type == "classification":
         sft.resolve_task(recipe, records if recipe.task.labels else sft.split_records(recipe)[0], [])
+    elif recipe.task.type == "instruction":
+        sft.resolve_task(recipe, records, [])
     colour = _use_colour()
     legend = (
         "\x1b[1;32mtrained (in the loss)\x1b[0m  \x1b[2mmasked (label -100)\x1b[0m"
@@ -101,6 +103,8 @@ def inspect(recipe: FinetuneRecipe, num_examples: int = 3) -> None:
         else "[[trained tokens]] in double brackets; everything else is masked (label -100)"
     )
     print(f"{recipe.task.type} task, seq_len {recipe.data.seq_len}; {legend}")
+    if recipe.task.type == "instruction":
+        print(prompts.describe_chat_training(recipe.task, tokenizer))
     for where, record in records[:num_examples]:
         examples, cut = sft.tokenize_record(recipe, record, tokenizer, where)
         print(f"\n--- {where}")

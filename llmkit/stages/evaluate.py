@@ -54,9 +54,8 @@ from llmkit.models import (
     checkpoint_config,
     load_model,
     max_positions,
-    run_dir_of,
 )
-from llmkit.recipes import EvalRecipe, TaskSpec, load_recipe
+from llmkit.recipes import EvalRecipe, TaskSpec
 
 GENERATION_METRICS = ("rouge", "accuracy", "exact_match", "bleu")
 LIKELIHOOD_METRICS = ("multiple_choice", "cloze")
@@ -228,25 +227,14 @@ class ModelPlan:
 
 
 def _task_from_run(path: str, where: str) -> tuple[TaskSpec, str]:
-    run_recipe = run_dir_of(path) / "recipe.yaml"  # an intermediate checkpoint's task is its run's
-    if not run_recipe.is_file():
+    """The task a fine-tuning run was trained on, read the one way (llmkit/prompts.py `run_prompt`)."""
+    trained = prompts.run_prompt(path)  # an intermediate checkpoint's task is its run's
+    if trained.task is None:
         raise RecipeError(
-            f"task: not set, and {where} ({path}) has no recipe.yaml to read it from; "
+            f"task: not set, and {where} ({path}) is not a fine-tuning run to read it from ({trained.reason}); "
             "add e.g. 'task: {type: summarization}' to the eval recipe"
         )
-    try:
-        loaded = load_recipe(run_recipe)
-    except RecipeError as exc:
-        raise RecipeError(
-            f"task: not set, and {run_recipe} does not load ({exc}); set task in the eval recipe"
-        ) from None
-    task = getattr(loaded, "task", None)
-    if loaded.stage != "finetune" or task is None:
-        raise RecipeError(
-            f"task: not set, and {run_recipe} is a {loaded.stage} recipe, not a finetune one; "
-            "add e.g. 'task: {type: summarization}' to the eval recipe"
-        )
-    return task, str(run_recipe)
+    return trained.task, trained.source
 
 
 def plan_models(recipe: EvalRecipe) -> list[ModelPlan]:

@@ -92,12 +92,16 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     # 1. Everything that can fail cheaply fails before any model weights are read.
     check(recipe)
     tokenizer = load_tokenizer(recipe)
-    train, validation = sft.checked_records(recipe)  # also fills task.labels, which resume compares
+    train, validation = sft.checked_records(recipe)  # also fills task.labels and task.record_format, which resume compares
     models.training_config(recipe, tokenizer)
     rundir.check_run_dir(recipe, overwrite=overwrite)
 
     # 2. Tokenize (cached) and report what did not fit.
     examples = sft.tokenize_splits(recipe, tokenizer, train, validation)
+    if recipe.task.record_format == "chat":
+        if recipe.task.prompt_template is not None:
+            dist.log("note: task.prompt_template is not used: the records are conversations (chat template only)")
+        dist.log(prompts.describe_chat_training(recipe.task, tokenizer))
     print(examples.train_stats.line("train"))
     if validation:
         print(examples.validation_stats.line("validation"))

@@ -5,10 +5,11 @@
     llmkit generate runs/quickstart/pretrain/checkpoints/step-00000250 "The os module"
     llmkit generate runs/chat --chat          # interactive; the conversation is kept
 
-Prompts are encoded exactly as training encoded them (llmkit/prompts.py: `format_prompt` fills a
-fine-tune's prompt template, `encode_prompts` tokenizes, `chat_prompt_ids` for --chat), so a
-fine-tuned model sees the prompt shape it learned; --raw sends the text as it is. A file or stdin
-is one prompt (a document spans lines); --one-per-line makes each line a prompt.
+Prompts are encoded exactly as training encoded them: `llmkit/prompts.py` `run_prompt` reads from
+the run how it was trained (a chat fine-tune: the chat template, with the task's system prompt; a
+template fine-tune: its prompt template), so a fine-tuned model sees the prompt shape it learned;
+--raw sends the text as it is. Generation stops at EOS and at the chat template's end-of-turn
+token. A file or stdin is one prompt (a document spans lines); --one-per-line makes each line a prompt.
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ from pathlib import Path
 
 from llmkit.errors import DataError, ModelError, RecipeError
 from llmkit.generation import cut_at_stop, decode_continuation, generate_ids, generation_config, stop_criteria
-from llmkit.models import check_model_dir, load_model, max_positions, run_dir_of
-from llmkit.prompts import chat_prompt_ids, encode_prompts, format_prompt, task_defaults, template_fields
-from llmkit.recipes import GenerationSpec, TaskSpec, load_recipe
+from llmkit.models import check_model_dir, load_model, max_positions
+from llmkit.prompts import (
+    RunPrompt,
+    chat_prompt_ids,
+    encode_prompts,
+    run_prompt,
+    task_defaults,
+    template_fields,
+)
+from llmkit.recipes import GenerationSpec
 
 
 def _stop_aware_streamer(tokenizer, stop: Sequence[str], out):
@@ -117,24 +125,6 @@ def read_prompts(
     return prompts
 
 
-def finetune_task(model: str) -> tuple[TaskSpec, Path] | None:
-    """The task (prompt template) of the fine-tuning run a model directory holds, with its recipe.yaml; else None.
-
-    Pretrained models, hub models and text-task fine-tunes have no template: their prompts are sent as is.
-    """
-    path = run_dir_of(model) / "recipe.yaml"
-    if not path.is_file():
-        return None
-    try:
-        recipe = load_recipe(path)
-    except RecipeError:
-        return None  # not ours to judge here: a model directory may carry any recipe.yaml
-    task = getattr(recipe, "task", None)
-    if recipe.stage != "finetune" or task is None or task.type == "text":
-        return None
-    return task, path
-
-
 def _stream_one(lm, tokenizer, ids: list[int], spec: GenerationSpec) -> str:
     """Generate one continuation, printing it to stdout as it comes; returns it cut at EOS / stop."""
     import torch
@@ -154,10 +144,11 @@ def _stream_one(lm, tokenizer, ids: list[int], spec: GenerationSpec) -> str:
     return decode_continuation(tokenizer, out[0, len(ids) :].tolist(), spec.stop)
 
 
-def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool, to_prompt=None) -> list[str]:
+def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool, to_ids=None, system: list[dict] | None = None) -> list[str]:
     """A terminal session: read a prompt, stream the reply; in chat mode the conversation is kept.
 
-    `to_prompt` turns a typed line into the model's prompt (a fine-tune's template), when given.
+    `to_ids` turns a typed line into the model's prompt ids (as the run was trained), when given;
+    `system` opens every chat (the run's system prompt).
     """
     import typer
 
@@ -179,6 +170,8 @@ def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool, to_prompt=None
         if chat and line.strip() == "/reset":
             messages.clear()
             continue
+        if chat and not messages:
+            messages.extend(system or [])
         if not line.strip():
             continue
         if chat:
@@ -186,8 +179,8 @@ def _interactive(lm, tokenizer, spec: GenerationSpec, chat: bool, to_prompt=None
             reply = _stream_one(lm, tokenizer, chat_prompt_ids(tokenizer, messages), spec)
             messages.append({"role": "assistant", "content": reply})
         else:
-            text = to_prompt(line) if to_prompt else line
-            reply = _stream_one(lm, tokenizer, encode_prompts(tokenizer, [text])[0], spec)
+            ids = to_ids(line) if to_ids else encode_prompts(tokenizer, [line])[0]
+            reply = _stream_one(lm, tokenizer, ids, spec)
         outputs.append(reply)
 
 
@@ -210,9 +203,10 @@ def run(
 ) -> list[str]:
     """`llmkit generate`: sample continuations of prompts from a checkpoint, streaming them to stdout.
 
-    A fine-tuned model (its directory holds the finetune recipe.yaml) gets each prompt through the
-    run's prompt template, as in training, unless `raw`; `one_per_line` splits a file or stdin into
-    one prompt per line (by default the whole text is one prompt).
+    A fine-tuned model (its directory holds the finetune recipe.yaml) gets each prompt as the run was
+    trained (`run_prompt`: the chat template for chat records, else the prompt template), unless
+    `raw`; `one_per_line` splits a file or stdin into one prompt per line (by default the whole
+    text is one prompt).
     """
     import torch
     import typer
@@ -231,12 +225,14 @@ def run(
     if not 0 < top_p <= 1:
         raise RecipeError(f"--top-p must be in (0, 1], got {top_p}")
     check_model_dir(model, "MODEL", tokenizer_key=None)  # generate has no tokenizer option
-    found = None if (raw or chat) else finetune_task(model)
-    fields = template_fields(task_defaults(found[0]).prompt_template) if found else None
+    trained = RunPrompt("raw", reason="--raw") if raw else run_prompt(model)
+    if chat and trained.kind == "template":
+        trained = RunPrompt("raw", reason="--chat: the chat template, not the run's prompt template")
+    fields = template_fields(task_defaults(trained.task).prompt_template) if trained.kind == "template" else None
     prompts = read_prompts(prompt, file, one_per_line=one_per_line, fields=fields)
-    if found and fields is not None and len(fields) != 1 and (prompts is None or any(isinstance(p, str) for p in prompts)):
+    if fields is not None and len(fields) != 1 and (prompts is None or any(isinstance(p, str) for p in prompts)):
         raise DataError(
-            f"MODEL: the prompt template of {found[1]} names {len(fields)} fields ({', '.join(fields) or 'none'}), so a "
+            f"MODEL: the prompt template of {trained.source} names {len(fields)} fields ({', '.join(fields) or 'none'}), so a "
             "plain prompt cannot fill it; give --file records.jsonl with those fields, or pass --raw"
         )
     spec = GenerationSpec(
@@ -250,35 +246,30 @@ def run(
         seed=seed,
     )
 
-    # 2. Load, and render prompts through the chat template when asked.
+    # 2. Load, and build prompts as the run was trained (chat template, prompt template) or as asked.
     lm, tokenizer = load_model(model, where="MODEL")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat and not has_template:
         raise ModelError(f"MODEL: {model}: the tokenizer has no chat template; drop --chat")
-    to_prompt = None
-    if found:
-        task, recipe_path = found
-        limit = max_positions(lm.config)
-        budget = None if limit is None else max(1, limit - max_new_tokens)  # long documents are cut, as in eval
+    chat = chat or trained.kind == "chat"
+    system = trained.messages("")[:-1] if trained.kind == "chat" else []
+    limit = max_positions(lm.config)
+    budget = None if limit is None else max(1, limit - max_new_tokens)  # long documents are cut, as in eval
 
-        def to_prompt(value: str | dict) -> str:
-            return format_prompt(task, value, tokenizer, max_prompt_tokens=budget)
+    def to_ids(value: str | dict) -> list[int]:
+        return trained.prompt_ids(tokenizer, value, max_prompt_tokens=budget)
 
-        template = task_defaults(task).prompt_template
-        typer.echo(
-            f"(prompts go through the {task.type} prompt template of {recipe_path}, as in training: {template!r}; "
-            "--raw sends them as they are)",
-            err=True,
-        )
-    elif has_template and not chat:
+    if trained.kind != "raw":
+        typer.echo(f"({trained.describe()}; --raw sends them as they are)", err=True)
+    elif has_template and not chat and not raw:
         typer.echo("(the tokenizer has a chat template; pass --chat to use it)", err=True)
     torch.manual_seed(seed)
     if prompts is None:
-        return _interactive(lm, tokenizer, spec, chat, to_prompt)
+        return _interactive(lm, tokenizer, spec, chat, None if chat else to_ids, system)
     if chat:
-        prompt_ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        prompt_ids = [chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": p}]) for p in prompts]
     else:
-        prompt_ids = encode_prompts(tokenizer, [to_prompt(p) if to_prompt else p for p in prompts])
+        prompt_ids = [to_ids(p) for p in prompts]
 
     # 3. Generate: token by token to the terminal, or batched when not streaming.
     many = len(prompts) > 1 or num_samples > 1

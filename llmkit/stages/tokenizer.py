@@ -38,6 +38,7 @@ from llmkit import __version__, rundir
 from llmkit.data.sources import check_sources, decoding_settings, fingerprint, iter_texts
 from llmkit.data.splits import builtin_validation_warning, held_out
 from llmkit.errors import RecipeError, RunDirError
+from llmkit.prompts import CHAT_MARKERS, chatml_template
 from llmkit.recipes import TokenizerRecipe, TokenizerSpec
 
 MIXED_SCRIPT = (
@@ -49,7 +50,6 @@ MIXED_SCRIPT = (
 )
 """Round-trip probe: English, CJK, emoji (with ZWJ sequences), composed and decomposed accents, whitespace runs."""
 
-CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
 HELDOUT_EVERY = 20
 """Without data.validation, 1 in 20 training documents is held out for the report (up to data.heldout_docs)."""
 HELDOUT_MAX_CHARS = 2_000_000
@@ -265,19 +265,10 @@ def _pad_vocab(tokenizer, multiple: int) -> list[str]:
 
 
 def chat_template_for(spec: TokenizerSpec) -> str | None:
-    """The Jinja chat template to install: the recipe's own, llmkit's ChatML-like default, or None."""
+    """The Jinja chat template to install: the recipe's own, llmkit's ChatML default (llmkit/prompts.py), or None."""
     if spec.chat_template != "default":
         return spec.chat_template
-    start, end = CHAT_MARKERS
-    # apply_chat_template tokenizes without special tokens, so the template writes BOS itself
-    bos = "{{ bos_token }}" if spec.add_bos and spec.special_tokens.bos else ""
-    return (
-        bos
-        + "{% for message in messages %}"
-        + f"{{{{ '{start}' + message['role'] + '\\n' + message['content'] + '{end}' + '\\n' }}}}"
-        + "{% endfor %}"
-        + f"{{% if add_generation_prompt %}}{{{{ '{start}assistant\\n' }}}}{{% endif %}}"
-    )
+    return chatml_template(bos=bool(spec.add_bos and spec.special_tokens.bos))
 
 
 class _Stream:
