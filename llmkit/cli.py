@@ -21,14 +21,7 @@ import typer
 
 from llmkit import __version__, dist, rundir
 from llmkit.errors import Interrupted, LlmkitError, disk_error
-from llmkit.recipes import (
-    bundled_dir,
-    bundled_names,
-    load_recipe,
-    resolve_recipe_path,
-    schema_reference,
-    with_schema_reference,
-)
+from llmkit.recipes import bundled_dir, bundled_names, load_recipe, resolve_recipe_path, schema_reference, with_schema_reference
 
 # Command -> the module in llmkit/stages/ whose functions it calls.
 STAGES = {
