@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from llmkit.errors import LaunchError
+
 _IMPORTED = time.time()
 
 
@@ -99,3 +101,51 @@ def distributed_kind(accelerator) -> str:
     if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp"
     return "plain"
+
+
+def check_shared_dir(path, name: str, wait_s: float = 20.0) -> None:
+    """Refuse on every process a directory that some machine of the launch does not see (LaunchError).
+
+    A collective: call it on every process once the process group exists, with `path` already
+    created by global rank 0. Rank 0 writes a file with a fresh random name and content there; every
+    process looks for it (for up to `wait_s` seconds: an NFS client may need a moment to see a new
+    directory) and the results are gathered, so all processes fail together with the same line,
+    naming the machines that do not see it. Rank 0 removes the file again. `name` is the recipe key
+    the directory comes from (output_dir, data.cache_dir).
+    """
+    import socket
+    import uuid
+    from pathlib import Path
+
+    import torch.distributed as td
+
+    if not td.is_available() or not td.is_initialized() or td.get_world_size() == 1:
+        return
+    me = td.get_rank()
+    nonce = [uuid.uuid4().hex if me == 0 else None]
+    td.broadcast_object_list(nonce, src=0)
+    marker = Path(path) / f".llmkit-shared-{nonce[0]}"
+    if me == 0:
+        marker.write_text(nonce[0], encoding="ascii")
+    td.barrier()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            seen = marker.read_text(encoding="ascii") == nonce[0]
+        except OSError:
+            seen = False
+        if seen or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    rows: list = [None] * td.get_world_size()
+    td.all_gather_object(rows, (me, socket.gethostname(), seen))
+    if me == 0:
+        marker.unlink(missing_ok=True)
+    blind = sorted({host for _, host, ok in rows if not ok})
+    if blind:
+        ranks = [r for r, _, ok in rows if not ok]
+        raise LaunchError(
+            f"{name} {path} is not shared between the machines of this launch: the processes of rank "
+            f"{', '.join(map(str, ranks))} (on {', '.join(blind)}) do not see the file rank 0 wrote there; "
+            f"put {name} on a file system that every machine mounts at the same path (NFS, Lustre, ...)"
+        )

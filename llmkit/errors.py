@@ -38,6 +38,10 @@ class DiskError(LlmkitError):
     """A path llmkit cannot write: read-only, no permission, no space left, or a file where a directory must be."""
 
 
+class LaunchError(LlmkitError):
+    """A multi-process launch whose processes do not fit together: a rank that never arrives, an output_dir not shared."""
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint (exit code 130)."""
 

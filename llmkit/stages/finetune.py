@@ -26,7 +26,7 @@ from llmkit.metrics.choice_tasks import with_choice_eval
 from llmkit.metrics.rouge import rouge_scores
 from llmkit.metrics.text import accuracy
 from llmkit.recipes import FinetuneRecipe, GenerationSpec
-from llmkit.training.loop import fit
+from llmkit.training.loop import check_launch, fit
 
 
 def check(recipe: FinetuneRecipe) -> None:
@@ -94,7 +94,7 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe)
     train, validation = sft.checked_records(recipe)  # also fills task.labels and task.record_format, which resume compares
     models.training_config(recipe, tokenizer)
-    rundir.check_run_dir(recipe, overwrite=overwrite)
+    check_launch(recipe, rundir.check_run_dir(recipe, overwrite=overwrite))
 
     # 2. Tokenize (cached) and report what did not fit.
     examples = sft.tokenize_splits(recipe, tokenizer, train, validation)

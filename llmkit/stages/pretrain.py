@@ -17,12 +17,12 @@ from llmkit.data.splits import builtin_validation_warning
 from llmkit.metrics.choice_tasks import with_choice_eval
 from llmkit.recipes import PretrainRecipe
 from llmkit.scaling.shapes import sized_recipe
-from llmkit.training.loop import fit
+from llmkit.training.loop import check_launch, fit
 
 
 def check(recipe: PretrainRecipe, overwrite: bool = False) -> None:
     """Checks that read no weights and no data: the run directory and the data sources."""
-    rundir.check_run_dir(recipe, overwrite=overwrite)
+    check_launch(recipe, rundir.check_run_dir(recipe, overwrite=overwrite))
     check_lm_data(recipe)
     warning = builtin_validation_warning(recipe.data)
     if warning:

@@ -33,6 +33,7 @@ from typing import Any
 from llmkit.dist import distributed_kind
 from llmkit.errors import RunDirError, disk_error, disk_problem
 from llmkit.rundir import CHECKPOINTS, MARKER, PREFIX, complete_checkpoints, fsync_dir, step_dir_name
+from llmkit.training.parallelism import Layout, launch_hint
 
 
 class CheckpointError(RunDirError):
@@ -87,15 +88,18 @@ def trainable_state_dict(model) -> dict:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, output_dir: Path, keep: int) -> Path:
+def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, output_dir: Path, keep: int, layout: dict | None = None) -> Path:
     """Write a complete checkpoint for state["step"] atomically, then delete all but the newest `keep`.
+
+    `layout` (parallelism.Layout.as_json(): kind, processes, machines) goes into trainer_state.json
+    as "distributed", so that a resume can tell what wrote the checkpoint (check_layout).
 
     A full (or read-only) disk raises DiskError naming the checkpoints directory, the space a checkpoint
     takes and train.keep_checkpoints, after deleting the partial checkpoint; the older ones are intact.
     """
     root = Path(output_dir) / CHECKPOINTS
     try:
-        return _write_checkpoint(accelerator, model, optimizer, scheduler, state, output_dir, keep)
+        return _write_checkpoint(accelerator, model, optimizer, scheduler, state, output_dir, keep, layout)
     except Exception as exc:
         problem = disk_problem(exc)
         if problem is None:
@@ -121,7 +125,7 @@ def _estimated_bytes(model) -> int:
     return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def _write_checkpoint(accelerator, model, optimizer, scheduler, state: dict, output_dir: Path, keep: int) -> Path:
+def _write_checkpoint(accelerator, model, optimizer, scheduler, state: dict, output_dir: Path, keep: int, layout: dict | None) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -162,7 +166,8 @@ def _write_checkpoint(accelerator, model, optimizer, scheduler, state: dict, out
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None:
             _write_json(tmp / "scaler.json", scaler.state_dict())
-        _write_json(tmp / "trainer_state.json", {**state, "world_size": accelerator.num_processes})
+        recorded = {"distributed": layout} if layout is not None else {}
+        _write_json(tmp / "trainer_state.json", {**state, "world_size": accelerator.num_processes, **recorded})
         # The marker goes in last, then one rename publishes the whole directory.
         (tmp / MARKER).write_text(f"step {state['step']}\n", encoding="utf-8")
         fsync_dir(tmp)
@@ -318,6 +323,59 @@ def read_trainer_state(path: Path) -> dict:
     if named.isdigit() and int(named) != state["step"]:
         raise _corrupt(file, f"'step' is {state['step']} in the checkpoint of step {int(named)}")
     return state
+
+
+def written_by(path: Path) -> Layout:
+    """The distributed kind and process count that wrote a checkpoint: recorded, or told by its files (older ones)."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    recorded = state.get("distributed")
+    if isinstance(recorded, dict) and recorded.get("kind") in ("single", "ddp", "fsdp", "deepspeed"):
+        try:
+            return Layout.from_json(recorded)
+        except (TypeError, ValueError):
+            raise _corrupt(path / "trainer_state.json", f"'distributed' is not a kind with counts: {recorded!r}") from None
+    processes = state.get("world_size", 1)
+    if (path / "deepspeed").is_dir():
+        return Layout("deepspeed", processes)
+    if any(path.glob("pytorch_model_fsdp*")):
+        return Layout("fsdp", processes)
+    return Layout("ddp" if processes > 1 else "single", processes)
+
+
+def _same_files(then: Layout, now: Layout) -> bool:
+    """Whether a checkpoint's files fit this launch: DDP and one process write the same ones; a ZeRO stage or
+    FSDP version that one side does not know (older checkpoints, a launch not yet set up) is not compared."""
+    plain = ("single", "ddp")
+    if then.kind in plain or now.kind in plain:
+        return then.kind in plain and now.kind in plain
+    def known(a, b):
+        return a is None or b is None or a == b
+    return then.kind == now.kind and known(then.zero_stage, now.zero_stage) and known(then.fsdp_version, now.fsdp_version)
+
+
+def check_layout(path: Path, now: Layout) -> None:
+    """Refuse to resume a checkpoint under another distributed kind or process count (CheckpointError, one line).
+
+    The kinds keep model and optimizer state in different files (and ZeRO stages and FSDP versions
+    partition them differently), and each process's data position and random streams are part of
+    the checkpoint, so another process count would repeat or skip training data. The machine count
+    may change: 2 machines x 4 processes resume as 1 x 8.
+    """
+    path = Path(path)
+    then = written_by(path)
+    if not _same_files(then, now):
+        raise CheckpointError(
+            f"{path} was written by {then.description}, this launch runs {now.description}: the checkpoint is valid, "
+            f"but {then.name} keeps the model and optimizer state in its own files. Resume it with the launch that wrote it "
+            f"({launch_hint(then)}); to train on with {now.name}, start a new run in another output_dir"
+        )
+    if then.processes != now.processes:
+        raise CheckpointError(
+            f"{path} was written by {then.processes} process{'es' if then.processes != 1 else ''}, this launch has "
+            f"{now.processes}: the data position and each process's random streams belong to {then.processes}, so another "
+            f"count would repeat or skip training data. Resume with {then.processes} ({launch_hint(then)})"
+        )
 
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:

@@ -47,7 +47,7 @@ from llmkit.models import (
     write_model_card,
 )
 from llmkit.recipes import check_wsd
-from llmkit.training import checkpoints
+from llmkit.training import checkpoints, parallelism, startup
 from llmkit.training.hardware import Peak, peak_flops, resolve_mixed_precision
 from llmkit.training.log import MetricsLog, available_trackers, flat_config, progress_bar
 from llmkit.training.loss import evaluate_loss_by_part, make_sum_nll, scored_and_input_tokens
@@ -139,6 +139,7 @@ class Run:
     state: TrainState
     config: Any
     use_cache: bool | None
+    layout: parallelism.Layout
     warned_peak: bool = False
 
     @property
@@ -184,25 +185,38 @@ def fit(
         return _finish(run, tokenizer, data, save_final, summary)
 
 
+def check_launch(recipe, resume_from: Path | None) -> None:
+    """The launch's cheap checks, for a stage to run before it reads data or weights (RecipeError / CheckpointError).
+
+    The distributed kind the launcher asked for can be had, train.optimizer fits it, and the
+    checkpoint to resume from was written by the same kind and process count. `fit` checks the same
+    again against the Accelerator it built.
+    """
+    requested = parallelism.requested_kind()
+    parallelism.check_requested(requested)
+    expected = parallelism.expected_layout(requested)
+    parallelism.check_optimizer(recipe.train.optimizer, expected)
+    if resume_from is not None:
+        checkpoints.check_layout(resume_from, expected)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Setup
 # ----------------------------------------------------------------------------------------------
 
 
 def _accelerator(cfg, output_dir: Path, mixed_precision: str, trackers: list[str]):
-    import torch
-    from accelerate import Accelerator
-
-    # Under a multi-process launcher on a machine without CUDA, accelerate only sets up gloo when told
-    # it runs on CPU; otherwise every process would believe it is alone.
-    cpu_multiprocess = not torch.cuda.is_available() and dist.world_size() > 1
-    return Accelerator(
-        cpu=cpu_multiprocess,
+    """The Accelerator of the kind the launch asked for (refused, never downgraded, when it cannot be had)."""
+    requested = parallelism.requested_kind()
+    parallelism.check_requested(requested)
+    accelerator = parallelism.accelerator_for(
+        requested,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=trackers or None,
         project_dir=str(output_dir),
     )
+    return accelerator, requested
 
 
 def _max_steps(recipe, world: int) -> int:
@@ -280,18 +294,19 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
     resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     trackers = available_trackers(list(cfg.trackers))
-    accelerator = _accelerator(cfg, output_dir, mixed_precision, trackers)
+    accelerator, requested = _accelerator(cfg, output_dir, mixed_precision, trackers)
     world = accelerator.num_processes
+    layout = parallelism.layout_of(accelerator, startup.check_processes(accelerator, output_dir))
+    parallelism.check_obtained(requested, layout)
+    parallelism.check_optimizer(cfg.optimizer, layout)
     max_steps = _max_steps(recipe, world)
     kind = dist.distributed_kind(accelerator)
-    if cfg.optimizer == "muon" and kind != "plain":
-        raise RecipeError(
-            f"train.optimizer: muon orthogonalizes whole weight matrices, which {'FSDP' if kind == 'fsdp' else 'DeepSpeed'} "
-            "shards across processes; use train.optimizer: adamw there, or DDP (recipes/accelerate/multi_gpu.yaml) with muon"
-        )
 
     # 1b. The data position comes from the checkpoint's trainer state; building the batch iterator
     #     here also rejects data too small for one optimizer step before anything is written.
+    if resume_from is not None:
+        # A checkpoint is resumed only by the distributed kind and process count that wrote it.
+        checkpoints.check_layout(resume_from, layout)
     state = TrainState.from_checkpoint(checkpoints.read_trainer_state(resume_from)) if resume_from else TrainState()
     batches = MicroBatches(data, cfg, accelerator.process_index, world, accelerator.device, state.step, state.stream_position)
     # Measured before seeding: the probe must not consume the RNG streams that resume restores (and
@@ -342,11 +357,13 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
         accelerator.wait_for_everyone()
     state.max_steps = max_steps
     log = MetricsLog(accelerator, output_dir / "metrics.jsonl", state.step if resume_from is not None else None)
+    log.write({"event": "start", "step": state.step, "tokens": state.tokens, "distributed": layout.as_json()})
 
     # 1e. What this run is, in a few lines.
     if accelerator.is_main_process:
         for line in model_summary_lines(config, counts, recipe, world_size=world, max_steps=max_steps):
             accelerator.print(line)
+        accelerator.print(f"distributed:      {layout.description}")
         accelerator.print(f"data:             {data.description}")
         accelerator.print(f"optimizer:        {optimizer_line}")
         accelerator.print(f"precision:        {mixed_precision}; {peak.description}")
@@ -354,7 +371,7 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
         recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
         batches=batches, log=log, sum_nll=make_sum_nll(accelerator, model, cfg), max_steps=max_steps,
         mixed_precision=mixed_precision, counts=counts, flops_per_token=fpt, peak=peak,
-        resume_from=resume_from, start_step=state.step, state=state, config=config, use_cache=use_cache,
+        resume_from=resume_from, start_step=state.step, state=state, config=config, use_cache=use_cache, layout=layout,
     )
 
 
@@ -473,7 +490,8 @@ def _evaluate(run: Run, data: TrainData, extra_eval: ExtraEval | None, bar) -> N
 def _save(run: Run) -> Path:
     """A complete, resumable checkpoint of the current step."""
     return checkpoints.save_checkpoint(
-        run.accelerator, run.model, run.optimizer, run.scheduler, asdict(run.state), run.output_dir, run.cfg.keep_checkpoints
+        run.accelerator, run.model, run.optimizer, run.scheduler, asdict(run.state), run.output_dir, run.cfg.keep_checkpoints,
+        run.layout.as_json(),
     )
 
 
@@ -537,6 +555,12 @@ def _save_final(accelerator, model, tokenizer, output_dir: Path, save_final: Sav
     kind = dist.distributed_kind(accelerator)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     state_dict = accelerator.get_state_dict(model) if kind != "plain" else None
+    if state_dict is not None:
+        # A gathered FSDP / DeepSpeed state dict names a tied weight twice (lm_head.weight beside the
+        # embedding); the model written must hold it once, as a single-process export does.
+        unique = {name for name, _ in unwrapped.named_parameters()}
+        aliases = {name for name, _ in unwrapped.named_parameters(remove_duplicate=False)} - unique
+        state_dict = {name: value for name, value in state_dict.items() if name not in aliases}
     if not accelerator.is_main_process:
         return
     staging = output_dir / rundir.FINAL_STAGING
@@ -585,7 +609,7 @@ def _finish(run: Run, tokenizer, data: TrainData, save_final: SaveFinal | None, 
         "resumed_from": run.start_step if run.resume_from is not None else None,
         "skipped_steps": state.skipped_steps, "parameters": run.counts["total"], "flops_per_token": run.flops_per_token,
         "model_type": getattr(config, "model_type", None), "data": data.extra,
-        "peak_flops": run.peak.flops, "peak_source": run.peak.source,
+        "peak_flops": run.peak.flops, "peak_source": run.peak.source, "distributed": run.layout.as_json(),
         **({"mixture": mixture} if mixture is not None else {}),
     }
     if accelerator.is_main_process:
