@@ -209,10 +209,11 @@ def test_resume_with_muon_is_bit_identical(tmp_path, tokenizer_dir, corpus):
 
 
 def test_muon_under_fsdp_is_refused_before_writing(tmp_path, tokenizer_dir, corpus, monkeypatch):
-    from llmkit.training import loop
-
-    monkeypatch.setattr(loop.dist, "distributed_kind", lambda accelerator: "fsdp")
-    with pytest.raises(RecipeError, match="muon orthogonalizes whole weight matrices, which FSDP shards"):
+    # What `accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2` sets; the
+    # refusal comes before any process group or data (a real 2-process launch: tests/test_sharded.py).
+    for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RecipeError, match="muon orthogonalizes whole weight matrices, which FSDP2 shards"):
         run_in_process(_muon_recipe(tmp_path, tokenizer_dir, corpus, "fsdp"))
     assert not (tmp_path / "fsdp").exists()
 
