@@ -231,3 +231,26 @@ def test_output_dir_check_passes_when_shared_and_refuses_on_every_process_when_n
         assert "is not shared between the machines of this launch: the processes of rank 1" in result.stdout
         assert "put output_dir on a file system that every machine mounts" in result.stdout
     assert list((tmp_path / "shared").iterdir()) == []  # the probe files are gone
+
+
+def test_lora_under_fsdp_or_zero3_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    lora = SimpleNamespace(lora=SimpleNamespace(enabled=True))
+    parallelism.check_adapters(lora, Layout("deepspeed", 2, zero_stage=2))  # ZeRO-2 keeps whole parameters: it works
+    parallelism.check_adapters(SimpleNamespace(lora=SimpleNamespace(enabled=False)), Layout("fsdp", 2, fsdp_version=2))
+    with pytest.raises(RecipeError, match="lora.enabled under DeepSpeed ZeRO-3"):
+        parallelism.check_adapters(lora, Layout("deepspeed", 2, zero_stage=3))
+    # What `accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2` sets.
+    for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    data = tmp_path / "inst.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in ("a", "b", "c", "d")))
+    recipe = {
+        "stage": "finetune", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_model_dir)},
+        "task": {"type": "instruction"}, "data": {"train": str(data), "seq_len": 32, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 2, "micro_batch_size": 2}, "lora": {"enabled": True},
+    }
+    result = CliRunner().invoke(app, ["finetune", str(write_recipe(tmp_path / "ft.yaml", recipe))])
+    assert_clean_error(result, "lora.enabled under FSDP2", "recipes/accelerate/multi_gpu.yaml")
+    assert not (tmp_path / "run").exists()

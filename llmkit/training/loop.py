@@ -188,7 +188,7 @@ def fit(
 def check_launch(recipe, resume_from: Path | None) -> None:
     """The launch's cheap checks, for a stage to run before it reads data or weights (RecipeError / CheckpointError).
 
-    The distributed kind the launcher asked for can be had, train.optimizer fits it, and the
+    The distributed kind the launcher asked for can be had, train.optimizer and lora fit it, and the
     checkpoint to resume from was written by the same kind and process count. `fit` checks the same
     again against the Accelerator it built.
     """
@@ -196,6 +196,7 @@ def check_launch(recipe, resume_from: Path | None) -> None:
     parallelism.check_requested(requested)
     expected = parallelism.expected_layout(requested)
     parallelism.check_optimizer(recipe.train.optimizer, expected)
+    parallelism.check_adapters(recipe, expected)
     if resume_from is not None:
         checkpoints.check_layout(resume_from, expected)
 
@@ -299,6 +300,7 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
     layout = parallelism.layout_of(accelerator, startup.check_processes(accelerator, output_dir))
     parallelism.check_obtained(requested, layout)
     parallelism.check_optimizer(cfg.optimizer, layout)
+    parallelism.check_adapters(recipe, layout)
     max_steps = _max_steps(recipe, world)
     kind = dist.distributed_kind(accelerator)
 

@@ -221,3 +221,15 @@ def launch_hint(layout: Layout) -> str:
         return f"`accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes {n} -m llmkit ...`"
     stage = layout.zero_stage if layout.zero_stage in (2, 3) else "N"
     return f"`accelerate launch --config_file recipes/accelerate/deepspeed_zero{stage}.yaml --num_processes {n} -m llmkit ...`"
+
+
+def check_adapters(recipe, layout: Layout) -> None:
+    """LoRA adapters are written from whole parameters, which FSDP and ZeRO-3 keep only in shards."""
+    lora = getattr(recipe, "lora", None)
+    sharded_parameters = layout.kind == "fsdp" or (layout.kind == "deepspeed" and layout.zero_stage == 3)
+    if lora is not None and lora.enabled and sharded_parameters:
+        raise RecipeError(
+            f"lora.enabled under {layout.name}: llmkit writes the adapters from whole parameters, which {layout.name} "
+            "keeps sharded across processes; run LoRA under DDP (recipes/accelerate/multi_gpu.yaml) or DeepSpeed "
+            "ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml), or fine-tune all weights (lora.enabled: false) under it"
+        )
