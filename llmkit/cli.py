@@ -4,7 +4,7 @@
     llmkit pretrain pretrain/tiny --set train.max_steps=50
 
 Each command is a few lines: load the recipe (llmkit/recipes.py), then call `run` of its stage
-module in llmkit/stages/ (STAGES below). Stage modules are imported when their command runs, so
+module in llmkit/stages/ (the command table, llmkit/commands.py). Stage modules are imported when their command runs, so
 `llmkit --help` and `llmkit --version` never import torch or transformers and answer instantly.
 """
 
@@ -20,25 +20,12 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit import __version__, dist, rundir
+from llmkit.commands import COMMANDS
 from llmkit.errors import Interrupted, LlmkitError, disk_error
 from llmkit.recipes import bundled_dir, bundled_names, load_recipe, resolve_recipe_path, schema_reference, with_schema_reference
 
-# Command -> the module in llmkit/stages/ whose functions it calls.
-STAGES = {
-    "tokenizer train": "tokenizer",
-    "pretrain": "pretrain",
-    "finetune": "finetune",
-    "eval": "evaluate",
-    "generate": "generate",
-    "validate": "validate",
-    "quickstart": "quickstart",
-    "plot": "plot",
-    "data prepare": "data",
-    "data inspect": "data",
-    "scale sweep": "scale",
-    "scale fit": "scale",
-    "scale recommend": "scale",
-}
+# Command -> the module in llmkit/stages/ whose function it calls; the table itself is llmkit/commands.py.
+STAGES = {c.name: c.module for c in COMMANDS if c.module}
 
 
 def stage(command: str):

@@ -26,9 +26,11 @@ from pydantic import (
     model_validator,
 )
 
+from llmkit.commands import RECIPE_KINDS, command_running
 from llmkit.errors import RecipeError, did_you_mean
 
-STAGES = ("tokenizer", "pretrain", "finetune", "eval", "scale")
+STAGES = RECIPE_KINDS
+"""The recipe kinds (`stage:`), from the command table in llmkit/commands.py."""
 
 
 RESUMABLE = {"resumable": True}
@@ -791,8 +793,6 @@ RECIPE_CLASSES: dict[str, type[Section]] = {
     "eval": EvalRecipe,
     "scale": ScaleRecipe,
 }
-COMMANDS = {"tokenizer": "tokenizer train", "scale": "scale sweep"}
-"""The command that runs a recipe kind, where it is not the kind's own name."""
 
 
 def bundled_command_writing(output_dir: str | Path) -> str | None:
@@ -806,7 +806,7 @@ def bundled_command_writing(output_dir: str | Path) -> str | None:
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(data, dict) and data.get("stage") in RECIPE_CLASSES and str(data.get("output_dir", "")).rstrip("/") == target:
-            return f"llmkit {COMMANDS.get(data['stage'], data['stage'])} {name}"
+            return f"llmkit {command_running(data['stage']).name} {name}"
     return None
 
 
@@ -1100,7 +1100,7 @@ def recipe_from_dict(
     if kind not in RECIPE_CLASSES:
         raise RecipeError(f"{where}: stage: {kind!r} is not a stage{did_you_mean(kind, STAGES)}; choose one of {', '.join(STAGES)}")
     if stage is not None and kind != stage:
-        raise RecipeError(f"{where}: this is a {kind} recipe; run it with `llmkit {COMMANDS.get(kind, kind)}`")
+        raise RecipeError(f"{where}: this is a {kind} recipe; run it with `llmkit {command_running(kind).name}`")
     data.setdefault("stage", kind)
     cls = RECIPE_CLASSES[kind]
     try:

@@ -1,4 +1,5 @@
-"""The package's layers (docs/architecture.md): imports go downward only, at module top, with no cycle.
+"""docs/architecture.md, checked: the layers (imports go downward only, at module top, with no cycle), the
+one command table that the CLI, the recipe kinds, the quickstart and the README agree on, and the stage shape.
 
     pytest tests/test_architecture.py
 """
@@ -6,11 +7,20 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import llmkit
+from llmkit import recipes
+from llmkit.commands import COMMANDS, RECIPE_KINDS, command, command_running
+from llmkit.errors import RecipeError
+from llmkit.recipes import RECIPE_CLASSES, load_recipe
 
 PACKAGE = Path(llmkit.__file__).parent
 
@@ -18,7 +28,7 @@ PACKAGE = Path(llmkit.__file__).parent
 # results (e.g. data.lm imports data.cache). The CLI reaches the stages only through
 # importlib at call time, so that `llmkit --help` stays free of torch.
 LAYERS = [
-    ["llmkit", "llmkit.errors", "llmkit.dist"],
+    ["llmkit", "llmkit.errors", "llmkit.dist", "llmkit.commands"],
     ["llmkit.recipes"],
     ["llmkit.rundir"],
     ["llmkit.prompts"],
@@ -128,21 +138,147 @@ def test_internal_imports_are_at_module_top():
     assert not nested, "llmkit imports inside functions: " + ", ".join(nested)
 
 
-# Stage modules behind a command group have one entry function per subcommand instead of run().
-COMMAND_GROUPS = {"data": {"prepare", "inspect"}, "scale": {"sweep", "fit", "recommend"}}
+def test_every_stage_module_has_the_functions_the_command_table_names():
+    """Read from the source (no import): each row's module exists and defines its function at top level."""
+    for row in (c for c in COMMANDS if c.module):
+        path = PACKAGE / "stages" / f"{row.module}.py"
+        assert path.is_file(), f"{row.name}: llmkit/stages/{row.module}.py does not exist"
+        names = {n.name for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.FunctionDef)}
+        assert row.function in names, f"{row.name}: llmkit/stages/{row.module}.py has no function {row.function}()"
+    modules = {p.stem for p in (PACKAGE / "stages").glob("*.py")} - {"__init__"}
+    assert modules == {c.module for c in COMMANDS if c.module}, "a stage module that no command runs, or a row without one"
 
 
-def test_every_stage_module_has_its_entry_functions():
-    for path in sorted((PACKAGE / "stages").glob("*.py")):
-        if path.name == "__init__.py":
+# ------------------------------------------------------------------------------------------------
+# One command table (llmkit/commands.py): the CLI, the recipe kinds, the quickstart and the README agree with it
+# ------------------------------------------------------------------------------------------------
+
+
+def typer_commands() -> dict[str, object]:
+    """Every command of the `llmkit` Typer app, by the name it is typed with, to its callback."""
+    from llmkit.cli import app
+
+    def name_of(info) -> str:
+        return info.name or info.callback.__name__.replace("_", "-")
+
+    found = {name_of(c): c.callback for c in app.registered_commands}
+    for group in app.registered_groups:
+        found |= {f"{group.name} {name_of(c)}": c.callback for c in group.typer_instance.registered_commands}
+    return found
+
+
+def test_the_cli_has_exactly_the_commands_of_the_table():
+    assert set(typer_commands()) == {c.name for c in COMMANDS}, (
+        "cli.py and llmkit/commands.py disagree: add the new command's row to COMMANDS (or its Typer command)"
+    )
+
+
+def test_each_cli_command_calls_the_function_the_table_names():
+    """In cli.py, the command NAME calls `stage("NAME").FUNCTION(...)` and nothing else from llmkit.stages."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    by_callback = {callback.__name__: name for name, callback in typer_commands().items()}
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.name not in by_callback:
             continue
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-        expected = COMMAND_GROUPS.get(path.stem, {"run"})
-        assert expected <= names, f"{path.name} lacks {sorted(expected - names)}"
+        name = by_callback[node.name]
+        calls = {
+            (call.func.value.args[0].value, call.func.attr)
+            for call in ast.walk(node)
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Call) and getattr(call.func.value.func, "id", None) == "stage"
+        }
+        row = command(name)
+        expected = {(row.name, row.function)} if row.module else set()
+        assert calls == expected, f"cli.py `{name}` calls {sorted(calls)}; the table says {sorted(expected)}"
+
+
+def test_recipe_kinds_are_the_tables():
+    assert list(RECIPE_CLASSES) == list(RECIPE_KINDS) == list(recipes.STAGES)
+    for kind in RECIPE_KINDS:
+        assert RECIPE_CLASSES[kind].model_fields["stage"].annotation.__args__ == (kind,)
+
+
+def test_the_run_it_with_hint_names_a_real_command(tmp_path):
+    """A recipe given to the wrong command names the command of the table that runs it."""
+    for kind in RECIPE_KINDS:
+        other = next(k for k in RECIPE_KINDS if k != kind)
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(f"stage: {kind}\n")
+        with pytest.raises(RecipeError, match=re.escape(f"run it with `llmkit {command_running(kind).name}`")):
+            load_recipe(path, stage=other)
+
+
+def test_the_quickstart_runs_the_tables_stages_in_pipeline_order():
+    from llmkit.stages import quickstart
+
+    kinds = [s.name for s in quickstart.STAGES]
+    assert kinds == [k for k in RECIPE_KINDS if k in kinds], kinds
+    for stage in quickstart.STAGES:
+        assert load_recipe(stage.recipe).stage == stage.name, stage.recipe
+        row = command_running(stage.name)
+        module = importlib.import_module(f"llmkit.stages.{row.module}")
+        assert quickstart.runner(stage.name) is getattr(module, row.function)
+
+
+def readme_command_table() -> set[str]:
+    """The commands named in the README's table under "## Commands" (`llmkit recipes list / show NAME` is two)."""
+    text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8").split("## Commands", 1)[1].split("\n## ", 1)[0]
+    found = set()
+    for cell in re.findall(r"^\| `llmkit ([^`]+)`", text, re.M):
+        group = None
+        for part in cell.split(" / "):
+            words = list(itertools.takewhile(lambda w: re.fullmatch(r"[a-z]+", w), part.split()))
+            if group and len(words) == 1:
+                words = [group, *words]
+            group = words[0] if len(words) == 2 else None
+            found.add(" ".join(words))
+    return found
+
+
+def test_the_readme_command_table_lists_every_command():
+    assert readme_command_table() == {c.name for c in COMMANDS}
+
+
+def test_the_training_stages_check_before_they_load_anything(monkeypatch, tmp_path):
+    """docs/architecture.md: pretrain and finetune run check(recipe) (no weights, no data) before building anything."""
+    from llmkit import models
+    from llmkit.stages import finetune, pretrain
+
+    class Checked(Exception):
+        pass
+
+    loaded = []
+    for name in ("load_tokenizer", "build_model", "load_model"):
+        monkeypatch.setattr(models, name, lambda *a, _n=name, **k: loaded.append(_n))
+    recipes_for = {
+        pretrain: load_recipe("pretrain/tiny", [f"output_dir={tmp_path / 'pre'}"], stage="pretrain"),
+        finetune: load_recipe("finetune/tiny-summarization", [f"output_dir={tmp_path / 'ft'}"], stage="finetune"),
+    }
+    for module, recipe in recipes_for.items():
+        monkeypatch.setattr(module, "check", lambda *a, **k: (_ for _ in ()).throw(Checked()))
+        with pytest.raises(Checked):
+            module.run(recipe)
+    assert loaded == [], f"loaded before the checks: {loaded}"
 
 
 def test_help_imports_no_heavy_library():
     code = "import sys, llmkit.cli; print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_layout_block_names_every_module_and_only_existing_files():
+    """docs/architecture.md's layer block: every module of the package appears in it, every file it names exists."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = text.split("```\n", 1)[1].split("```", 1)[0]
+    words = set(re.findall(r"[A-Za-z_][\w]*", block))
+    missing = sorted(
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+        if p.stem != "__init__" and p.stem not in words and p.stem.strip("_") not in words
+    )
+    assert not missing, f"docs/architecture.md does not name: {missing}"
+    named = re.findall(r"([\w]+\.py|[\w]+/)", block)
+    packages = {p.name for p in PACKAGE.rglob("*") if p.is_dir()}
+    files = {p.name for p in PACKAGE.rglob("*.py")}
+    stale = sorted(n for n in named if (n.endswith("/") and n[:-1] not in packages) or (n.endswith(".py") and n not in files))
+    assert not stale, f"docs/architecture.md names what does not exist: {stale}"

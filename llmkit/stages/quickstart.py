@@ -19,6 +19,7 @@ from pathlib import Path
 
 import typer
 
+from llmkit.commands import command_running
 from llmkit.data.sources import iter_records
 from llmkit.generation import generate_texts
 from llmkit.models import load_model
@@ -26,8 +27,13 @@ from llmkit.prompts import format_record
 from llmkit.recipes import GenerationSpec, load_recipe
 from llmkit.stages import evaluate, finetune, plot, pretrain, tokenizer
 
-# The stage modules in pipeline order: each one's `run(recipe)`.
-RUNNERS = {"tokenizer": tokenizer.run, "pretrain": pretrain.run, "finetune": finetune.run, "eval": evaluate.run}
+MODULES = {m.__name__.rpartition(".")[2]: m for m in (tokenizer, pretrain, finetune, evaluate)}
+
+
+def runner(kind: str):
+    """The function the command table (llmkit/commands.py) names for running recipes of `kind`."""
+    row = command_running(kind)
+    return getattr(MODULES[row.module], row.function)
 
 # A much shorter schedule for smoke tests and CI (`llmkit quickstart --fast`).
 FAST = {
@@ -75,7 +81,7 @@ def _run_stage(stage: Stage, root: Path, fast: bool) -> None:
         return
     typer.echo(f"[{stage.name}] running {stage.recipe} -> {recipe.output_dir}")
     start = time.perf_counter()
-    RUNNERS[stage.name](recipe)
+    runner(stage.name)(recipe)
     typer.echo(f"[{stage.name}] done in {time.perf_counter() - start:.0f} s")
 
 
