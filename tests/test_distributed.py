@@ -125,3 +125,45 @@ def test_muon_under_ddp_matches_one_process(setup, tokenizer_dir):
     assert len(two) == len(one) == 10 and two[-1] < two[0]
     for step, (a, b) in enumerate(zip(two, one, strict=True), start=1):
         assert math.isclose(a, b, rel_tol=2e-4), f"step {step}: {a} (2 processes) vs {b} (1 process)"
+
+
+def _two_machines(tmp: Path, recipe: dict, output_dirs: tuple[str, str]) -> list[subprocess.CompletedProcess]:
+    """One launcher per simulated machine on this host (1 process each), as `recipes/accelerate/multi_node.yaml` runs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for machine, out in enumerate(output_dirs):
+        path = write_recipe(tmp / f"machine{machine}.yaml", dict(recipe, output_dir=out))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               "-m", "llmkit", "pretrain", str(path)]
+        # Output to files, not pipes: a launcher blocked on a full pipe would stall the other machine too.
+        out, err = open(tmp / f"machine{machine}.out", "w"), open(tmp / f"machine{machine}.err", "w")
+        procs.append((subprocess.Popen(cmd, env=subprocess_env(), stdout=out, stderr=err), out, err))
+    results = []
+    for proc, out, err in procs:
+        code = proc.wait(timeout=600)
+        out.close()
+        err.close()
+        results.append(subprocess.CompletedProcess(proc.args, code, Path(out.name).read_text(), Path(err.name).read_text()))
+    return results
+
+
+def test_two_machines_are_counted_and_an_unshared_output_dir_is_refused_on_both(setup):
+    tmp, _, recipe, _ = setup
+    short = dict(recipe, train={**recipe["train"], "max_steps": 4})
+    shared = str(tmp / "two-machines")
+    first, second = _two_machines(tmp, short, (shared, shared))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    assert "distributed:      DDP, 2 processes on 2 machines" in first.stdout
+    assert read_events(shared, "start")[0]["distributed"] == {"kind": "ddp", "processes": 2, "machines": 2}
+    # The second machine's output_dir is another directory at the path (its own disk): both stop at start.
+    results = _two_machines(tmp, short, (str(tmp / "disk-a"), str(tmp / "disk-b")))
+    for result in results:
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "is not shared between the machines of this launch: the processes of rank 1" in errors[0], result.stderr[-2000:]
+    assert not (tmp / "disk-a").exists() and not (tmp / "disk-b").exists()
