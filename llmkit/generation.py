@@ -9,7 +9,7 @@ into batches (sorted by length so little padding is wasted), decoded with the KV
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmkit.models import max_positions
@@ -99,8 +99,12 @@ def generate_ids(
     spec: GenerationSpec,
     batch_size: int = 8,
     num_return_sequences: int = 1,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
-    """Continuations of pre-tokenized prompts: `num_return_sequences` texts per prompt, in prompt order."""
+    """Continuations of pre-tokenized prompts: `num_return_sequences` texts per prompt, in prompt order.
+
+    on_batch(n) is called after each batch of n prompts (a progress bar).
+    """
     import torch
 
     if not prompt_ids:
@@ -144,6 +148,8 @@ def generate_ids(
         new_tokens = output[:, width:].tolist()
         for k, ids in enumerate(new_tokens):
             results[chunk[k // num_return_sequences]].append(decode_continuation(tokenizer, ids, spec.stop))
+        if on_batch is not None:
+            on_batch(len(chunk))
     return results
 
 

@@ -331,15 +331,6 @@ class LMData(Section):
         return self
 
 
-class ChoiceEvalSpec(Section):
-    """A multiple-choice task scored at every validation (its acc and acc_norm join the eval event)."""
-
-    source: str = Field("builtin:docsum-choice/validation", description="Records of the task: a file, glob or builtin:NAME (multiple-choice layout, as in llmkit eval).")
-    max_examples: Count = Field(100, ge=1, description="Score the first this many questions.")
-    layout: ChoiceLayout = Field("auto", description="Record layout (auto = recognised by the record's fields).")
-    batch_size: int = Field(8, ge=1, description="Questions per forward pass (all choices of a question share one row).")
-
-
 class TrainConfig(Section):
     """Optimisation, schedule, budget, checkpointing and logging."""
 
@@ -383,10 +374,20 @@ class TrainConfig(Section):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers.", json_schema_extra=RESUMABLE)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.", json_schema_extra=RESUMABLE)
     # RESUMABLE: scoring runs under inference_mode and draws no random numbers, so no step changes.
-    choice_eval: ChoiceEvalSpec | None = Field(
-        None, description="Score a multiple-choice task at every eval (needs validation data); logs choice_acc, choice_acc_norm.",
+    evals: list["EvalTask"] = Field(
+        default_factory=list, description="Evaluations scored at every eval, as `llmkit eval` scores them (see docs/evaluation.md).",
         json_schema_extra=RESUMABLE,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "choice_eval" in data:
+            raise ValueError(
+                "train.choice_eval was replaced by train.evals: write "
+                "'evals: [{name: choice, metrics: [multiple_choice], data: {test: SOURCE, max_samples: 100}}]'"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_budget(self) -> TrainConfig:
@@ -540,13 +541,6 @@ class LoraSpec(Section):
     load_in_4bit: bool = Field(False, description="QLoRA: load the base model in 4-bit (needs CUDA and bitsandbytes).")
 
 
-class TaskEval(Section):
-    """Task metric on a validation sample during fine-tuning."""
-
-    samples: int = Field(32, ge=0, description="Validation examples generated for the task metric (0 disables).", json_schema_extra=RESUMABLE)
-    max_new_tokens: int = Field(64, ge=1, description="Generation length for the task metric.", json_schema_extra=RESUMABLE)
-
-
 class FinetuneRecipe(Section):
     """`llmkit finetune`: fine-tune a checkpoint on a downstream task, full or LoRA."""
 
@@ -558,7 +552,16 @@ class FinetuneRecipe(Section):
     data: FinetuneData
     train: TrainConfig
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    task_eval: TaskEval = Field(default_factory=TaskEval)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "task_eval" in data:
+            raise ValueError(
+                "task_eval was replaced by train.evals: write 'train: {evals: [{metrics: [rouge], "
+                "data: {max_samples: 32}, generation: {max_new_tokens: 64}}]}' (no data.test = the run's validation records)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_model(self) -> FinetuneRecipe:
@@ -597,7 +600,7 @@ class EvalModel(Section):
 class EvalData(Section):
     """Test data: raw text for perplexity, task records for generation metrics."""
 
-    test: SourceList = Field(description="Test sources.")
+    test: SourceList | None = Field(None, description="Test sources (required in `llmkit eval`; in train.evals, null = the run's validation records).")
     text_field: str = Field("text", description="Field holding the text for perplexity.")
     encoding_errors: EncodingErrors = Field("strict", description=ENCODING_ERRORS_HELP)
     seq_len: int | None = Field(None, ge=2, description="Perplexity window in tokens (default: model's max positions, at most 1024).")
@@ -608,7 +611,7 @@ class EvalData(Section):
     @field_validator("test", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
-        return _as_list(value)
+        return None if value is None else _as_list(value)
 
     @model_validator(mode="after")
     def _check_stride(self) -> EvalData:
@@ -658,7 +661,7 @@ class ChoiceSpec(Section):
     )
     fewshot_seed: int | None = Field(1234, description="Seed of the few-shot draw (example i uses seed + i); null = the first num_fewshot (MMLU's dev-split convention).")
     pair_encoding: Literal["separate", "joint"] = Field(
-        "separate", description="separate = context and choice tokenized apart; joint = lm-eval's encode-together-then-split (no BOS)."
+        "separate", description="separate = context and choice tokenized apart; joint = lm-eval's encode-together-then-split (BOS kept while choice.add_bos is true)."
     )
     add_bos: bool = Field(True, description="Start each context with the tokenizer's BOS (if it adds one); false = lm-eval's default.")
     tasks: Literal["per_source", "pooled"] = Field(
@@ -683,16 +686,110 @@ class ChoiceSpec(Section):
         return {} if self.fields is None else {k: v for k, v in self.fields.model_dump().items() if v is not None}
 
 
-class EvalRecipe(Section):
-    """`llmkit eval`: score checkpoints by perplexity, ROUGE and task metrics."""
+MetricName = Literal[
+    "perplexity", "rouge", "accuracy", "exact_match", "bleu", "multiple_choice", "cloze", "generative",
+]  # fmt: skip
+"""The evaluators of llmkit/evals/ (its EVALUATORS registry holds one entry per name)."""
 
-    stage: Literal["eval"] = Field(description="Recipe kind.")
-    output_dir: Path = Field(description="Where metrics.json, predictions.jsonl and comparisons go.")
-    model: EvalModel
-    tokenizer: str | None = Field(None, description="Tokenizer (default: the one saved with each model).")
-    data: EvalData
-    metrics: list[Literal["perplexity", "rouge", "accuracy", "exact_match", "bleu", "multiple_choice", "cloze"]] = Field(
-        min_length=1, description="Metrics to compute; multiple_choice and cloze score log-likelihoods (see the choice section)."
+GSM8K_STRICT = r"#### (\-?[0-9\.\,]+)"
+"""lm-eval gsm8k's strict-match filter: the number after '#### '."""
+
+
+class PromptSpec(Section):
+    """How a question becomes the model's input (multiple_choice and generative); recorded in metrics.json."""
+
+    chat_template: bool = Field(False, description="Render the prompt through the tokenizer's chat template (lm-eval --apply_chat_template).")
+    fewshot_as: Literal["text", "turns"] = Field(
+        "text", description="Few-shot examples as one text before the question, or as user/assistant turns (needs chat_template)."
+    )
+    system_prompt: str | None = Field(None, description="A system message (with chat_template) or a line of text before the prompt.")
+
+    @model_validator(mode="after")
+    def _check_turns(self) -> PromptSpec:
+        if self.fewshot_as == "turns" and not self.chat_template:
+            raise ValueError("prompt.fewshot_as: turns are chat turns; set prompt.chat_template: true (or fewshot_as: text)")
+        return self
+
+
+class AnswerFilter(Section):
+    """One way to read the answer out of a generation (an lm-eval filter); each gives its own score."""
+
+    name: str = Field(description="Name of the score, e.g. strict-match (metrics.json: exact_match/NAME).")
+    extract: Literal["regex", "last_number", "first_line", "choice_letter", "whole"] = Field(
+        description="regex = lm-eval's regex filter; last_number = lm-eval gsm8k flexible-extract; first_line; "
+        "choice_letter = the first standalone A-Z letter; whole = the stripped generation."
+    )
+    regex: str | None = Field(None, description="extract: regex: the pattern (its first non-empty group, else the whole match).")
+    group_select: int = Field(0, description="extract: regex: which match to take (0 = first, -1 = last), as lm-eval's group_select.")
+    fallback: str = Field("[invalid]", description="The answer when nothing matches (lm-eval's fallback; never equals a reference).")
+
+    @model_validator(mode="after")
+    def _check_regex(self) -> AnswerFilter:
+        if (self.extract == "regex") != (self.regex is not None):
+            raise ValueError(f"answer.filters ({self.name}): regex is set exactly when extract is regex")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"answer.filters ({self.name}): regex {self.regex!r} does not compile ({exc})") from None
+        return self
+
+
+def _gsm8k_filters() -> list[AnswerFilter]:
+    return [
+        AnswerFilter(name="strict-match", extract="regex", regex=GSM8K_STRICT),
+        AnswerFilter(name="flexible-extract", extract="last_number"),
+    ]
+
+
+class AnswerSpec(Section):
+    """Generative tasks (metric generative): few-shot prompt, generated answer, extracted and matched (lm-eval filters)."""
+
+    prompt_template: str = Field("Question: {question}\nAnswer:", description="The question's text, {field} naming record fields (lm-eval gsm8k doc_to_text).")
+    answer_field: str = Field("answer", description="Record field holding the reference answer (GSM8K: reasoning, then '#### N').")
+    target_delimiter: str = Field(" ", description="Between a few-shot question and its answer (lm-eval target_delimiter).")
+    fewshot_delimiter: str = Field("\n\n", description="After every solved few-shot example (lm-eval fewshot_delimiter).")
+    num_fewshot: int = Field(0, ge=0, description="Solved examples put before each question.")
+    fewshot_split: SourceList | None = Field(
+        None, description="Where few-shot examples come from (default: data.test itself, leaving each question out of its own prompt)."
+    )
+    fewshot_seed: int | None = Field(1234, description="Seed of the few-shot draw (question i uses seed + i); null = the first num_fewshot.")
+    add_bos: bool = Field(True, description="Start each prompt with the tokenizer's BOS (if it adds one); false = lm-eval's HF default.")
+    filters: list[AnswerFilter] = Field(default_factory=_gsm8k_filters, min_length=1, description="How answers are extracted; each gives a score (default: gsm8k's strict-match and flexible-extract).")
+    match: Literal["exact", "numeric"] = Field("exact", description="exact = lm-eval exact_match after the normalisation below; numeric = equal as numbers (',' and '$' dropped).")
+    ignore_case: bool = Field(True, description="exact: compare lowercased (lm-eval exact_match ignore_case).")
+    ignore_punctuation: bool = Field(False, description="exact: drop punctuation before comparing (lm-eval ignore_punctuation).")
+    regexes_to_ignore: list[str] = Field(
+        default_factory=lambda: [",", "\\$", "(?s).*#### ", "\\.$"],
+        description="Patterns removed from answer and reference before comparing (lm-eval gsm8k's, which keeps the reference's number).",
+    )
+
+    @field_validator("fewshot_split", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return None if value is None else _as_list(value)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> AnswerSpec:
+        names = [f.name for f in self.filters]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ValueError(f"answer.filters: the name {twice!r} is used twice; each filter's score needs its own name")
+        for pattern in self.regexes_to_ignore:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"answer.regexes_to_ignore: {pattern!r} does not compile ({exc})") from None
+        return self
+
+
+class EvalTask(Section):
+    """One evaluation: metrics on test records, with the options of their evaluators (an eval recipe, a suite entry or a train.evals entry)."""
+
+    name: str | None = Field(None, description="Label in tables and training logs (default: the test sources' names).")
+    data: EvalData = Field(default_factory=EvalData, description="Test data.")
+    metrics: list[MetricName] = Field(
+        min_length=1, description="Metrics to compute; multiple_choice and cloze score log-likelihoods, generative extracts answers."
     )
     task: TaskSpec | None = Field(
         None, description="Prompt format for generation metrics (default: the task in the model's recipe.yaml)."
@@ -700,12 +797,60 @@ class EvalRecipe(Section):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     rouge: RougeSpec = Field(default_factory=RougeSpec)
     choice: ChoiceSpec = Field(default_factory=ChoiceSpec)
+    answer: AnswerSpec = Field(default_factory=AnswerSpec)
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    chance: float | None = Field(
+        None, ge=0, lt=1, description="Accuracy of a blind guess, for the suite's centered accuracy (default: mean 1/choices; 0 for generative)."
+    )
 
     @model_validator(mode="after")
-    def _check_choice_metrics(self) -> EvalRecipe:
+    def _check_choice_metrics(self) -> EvalTask:
         if "multiple_choice" in self.metrics and "cloze" in self.metrics:
             raise ValueError("metrics: multiple_choice and cloze read data.test differently; run them as two evals")
         return self
+
+
+class EvalRecipe(EvalTask):
+    """`llmkit eval`: score checkpoints by perplexity, ROUGE, task, multiple-choice and generative metrics, or a suite."""
+
+    stage: Literal["eval"] = Field(description="Recipe kind.")
+    output_dir: Path = Field(description="Where metrics.json, predictions.jsonl and comparisons go.")
+    model: EvalModel
+    tokenizer: str | None = Field(None, description="Tokenizer (default: the one saved with each model).")
+    metrics: list[MetricName] = Field(
+        default_factory=list, description="Metrics to compute (required without suite); multiple_choice and cloze score log-likelihoods, generative extracts answers."
+    )
+    suite: list[EvalTask] = Field(
+        default_factory=list, description="Several tasks scored in one run, each with the keys of an eval task; adds a suite score (macro and centered accuracy)."
+    )
+
+    @model_validator(mode="after")
+    def _check_suite(self) -> EvalRecipe:
+        if self.suite:
+            if self.metrics:
+                raise ValueError("metrics: a recipe with a suite lists its metrics in each suite entry; remove the top-level metrics")
+            names = [t.name for t in self.suite if t.name]
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise ValueError(f"suite: two entries are named {twice!r}; give each a distinct name")
+            for i, entry in enumerate(self.suite):
+                if entry.data.test is None:
+                    raise ValueError(f"suite.{i}.data.test: required key is missing")
+            return self
+        if not self.metrics:
+            raise ValueError("metrics: required key is missing (or give a suite of tasks)")
+        if self.data.test is None:
+            raise ValueError("data.test: required key is missing")
+        return self
+
+    def tasks(self) -> list[EvalTask]:
+        """The evaluations of the recipe: its suite, or itself as one task."""
+        return list(self.suite) if self.suite else [self]
+
+
+TrainConfig.model_rebuild()
+PretrainRecipe.model_rebuild()
+FinetuneRecipe.model_rebuild()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1158,6 +1303,10 @@ def schema_reference() -> str:
         for name, field in cls.model_fields.items():
             sub = _first_model(field.annotation)
             key = f"{prefix}{name}"
+            if sub is EvalTask:  # a list of eval tasks: its keys are the eval recipe's, listed there once
+                keys = ", ".join(EvalTask.model_fields)
+                out.append(f"| `{key}` | [] | {field.description} Each entry takes an eval task's keys ({keys}), as in `eval` recipes. |")
+                continue
             if sub is not None and not issubclass(sub, SOURCE_MODELS) and sub not in seen:
                 emit(sub, f"{key}.", seen | {sub})
                 continue

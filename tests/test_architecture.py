@@ -35,6 +35,7 @@ LAYERS = [
     ["llmkit.data"],
     ["llmkit.models"],
     ["llmkit.generation", "llmkit.metrics"],
+    ["llmkit.evals"],
     ["llmkit.training"],
     ["llmkit.scaling"],
     ["llmkit.stages"],

@@ -1,4 +1,4 @@
-"""`llmkit eval` with metrics [multiple_choice] / [cloze], and pretraining's train.choice_eval.
+"""`llmkit eval` with metrics [multiple_choice] / [cloze], and a multiple-choice task in pretraining's train.evals.
 
     pytest tests/test_eval_choice.py -q
 
@@ -205,7 +205,7 @@ def test_pretraining_logs_choice_acc_at_every_eval(tmp_path, tokenizer_dir):
     ])  # fmt: skip
     recipe = recipe_dict(tmp_path, tokenizer_dir, corpus, validation,
                          model={**TINY_MODEL, "max_position_embeddings": 256},
-                         train={"max_steps": 6, "eval_every": 3, "choice_eval": {"source": str(questions), "max_examples": 5}})  # fmt: skip
+                         train={"max_steps": 6, "eval_every": 3, "evals": [{"name": "choice", "metrics": ["multiple_choice"], "data": {"test": str(questions), "max_samples": 5}}]})  # fmt: skip
     run_in_process(recipe)
     evals = read_events(tmp_path / "run", "eval")
     assert [e["step"] for e in evals] == [3, 6]
@@ -218,12 +218,12 @@ def test_pretraining_refuses_a_bad_choice_eval_record_before_training(tmp_path, 
     from llmkit.errors import DataError
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the model was built before train.choice_eval's records were checked")
+        raise AssertionError("the model was built before train.evals' records were checked")
 
     monkeypatch.setattr("llmkit.models.build_model", refuse)
     corpus = write_corpus(tmp_path, docs=8)
     bad = write_jsonl(tmp_path / "q.jsonl", [{"context": "Q?", "choices": ["a", "b"], "label": 5}])
-    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus, train={"choice_eval": {"source": str(bad)}})
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus, train={"evals": [{"metrics": ["multiple_choice"], "data": {"test": str(bad)}}]})
     with pytest.raises(DataError, match="q.jsonl:1.*out of range"):
         run_in_process(recipe)
 

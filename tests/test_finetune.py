@@ -81,8 +81,10 @@ def make_recipe(tmp_path: Path, model_dir: Path, task: dict, source, steps: int 
             "eval_every": steps,
             "save_every": steps,
         },
-        "task_eval": {"samples": 4, "max_new_tokens": 6},
     }
+    if task["type"] != "text" and "validation" in sections.get("data", {}):  # a task metric on the validation records
+        metric = "accuracy" if task["type"] == "classification" else "rouge"
+        recipe["train"]["evals"] = [{"metrics": [metric], "data": {"max_samples": 4}, "generation": {"max_new_tokens": 6}}]
     for key, value in sections.items():
         recipe.setdefault(key, {}).update(value)
     return recipe
@@ -147,8 +149,7 @@ def test_lora_trains_only_adapters_and_merged_equals_base_plus_adapter(tmp_path,
             {"type": "instruction"},
             str(data_dir / "inst.jsonl"),
             lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0, "merge": True},
-            task_eval={"samples": 0},
-            train={"lr": 2e-2, "max_steps": 16},
+            train={"lr": 2e-2, "max_steps": 16, "evals": []},
         )
     )
     finetune(recipe)
@@ -212,8 +213,7 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_model_dir, data_dir):
             str(data_dir / "cls.jsonl"),
             steps=steps,
             data={"packing": packing},
-            train={"save_every": 3},
-            task_eval={"samples": 0},
+            train={"save_every": 3, "evals": []},
         )
         finetune(recipe_from_dict(raw))
         return out / "run"

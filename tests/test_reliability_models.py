@@ -177,7 +177,6 @@ def _lora_recipe(tmp: Path, model_dir: Path, name: str, seed: int = 3) -> dict:
         "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 5e-3, "save_every": 2, "eval_every": 1000, "log_every": 1,
                   "seed": seed, "mixed_precision": "no"},
         "lora": {"enabled": True, "r": 4, "alpha": 8},  # lora.dropout: its default, 0.05
-        "task_eval": {"samples": 0},
     }
 
 

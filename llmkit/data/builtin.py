@@ -9,6 +9,9 @@
 - `builtin:docsum-choice[/SPLIT]`: the same docstrings as 4-way multiple-choice questions, {"id",
   "context" ("{document}\n\nSummary:"), "choices" (the real summary and three other records'), "label"},
   for `llmkit eval` with metrics [multiple_choice] (see `docsum_choice_records`).
+- `builtin:arithmetic[/SPLIT]`: small arithmetic word problems in GSM8K's layout, {"id", "question",
+  "answer" (the worked steps, then "#### N")}, generated from a seed, for metrics [generative]
+  (see `arithmetic_records`).
 
 SPLIT is train, validation or test: a fixed ~90/5/5 split by a hash of each record's id.
 """
@@ -30,7 +33,7 @@ from llmkit.errors import DataError, did_you_mean
 SPLITS = ("train", "validation", "test")
 
 
-BUILTIN_NAMES = ("pydoc", "docsum", "docsum-choice")
+BUILTIN_NAMES = ("pydoc", "docsum", "docsum-choice", "arithmetic")
 
 
 BUILTIN_LAYOUT = 1
@@ -43,7 +46,7 @@ def parse_builtin(source: str) -> tuple[str, str | None]:
     name, _, split = spec.partition("/")
     if name not in BUILTIN_NAMES:
         raise DataError(
-            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc, builtin:docsum or builtin:docsum-choice"
+            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc, builtin:docsum, builtin:docsum-choice or builtin:arithmetic"
         )
     if split and split not in SPLITS:
         raise DataError(f"{source}: unknown split {split!r}{did_you_mean(split, SPLITS)}; choose one of {', '.join(SPLITS)}")
@@ -52,7 +55,9 @@ def parse_builtin(source: str) -> tuple[str, str | None]:
 
 def read_builtin(source: str) -> Iterator[tuple[str, dict]]:
     name, split = parse_builtin(source)
-    records = {"pydoc": pydoc_records, "docsum": docsum_records, "docsum-choice": docsum_choice_records}[name]()
+    records = {
+        "pydoc": pydoc_records, "docsum": docsum_records, "docsum-choice": docsum_choice_records, "arithmetic": arithmetic_records,
+    }[name]()  # fmt: skip
     for index, (record_split, record) in enumerate(records):
         if split is None or record_split == split:
             yield f"builtin:{name} record {index}", dict(record)  # a copy: callers may mutate records
@@ -254,3 +259,47 @@ def docsum_choice_split(
 def docsum_choice_records() -> tuple[tuple[str, dict], ...]:
     """builtin:docsum-choice as (split, {"id", "context", "choices", "label"}): 4 choices, seed 0, every split."""
     return tuple((split, r) for split in SPLITS for r in docsum_choice_split(split))
+
+
+ARITHMETIC_PROBLEMS = 1000
+_NAMES = ("Ada", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Mo", "Nia", "Oto", "Pia")
+_THINGS = ("apples", "marbles", "books", "coins", "stamps", "pencils", "shells", "cards", "cookies", "stickers")
+
+
+def arithmetic_problem(index: int, seed: int = 0) -> dict:
+    """One two-step word problem (add, take away, share or multiply) with GSM8K's answer layout, from random.Random(f"{seed}/{index}")."""
+    rng = random.Random(f"{seed}/{index}")
+    name, other = rng.sample(_NAMES, 2)
+    thing = rng.choice(_THINGS)
+    kind = rng.randrange(4)
+    a, b = rng.randint(2, 40), rng.randint(2, 40)
+    if kind == 0:
+        c = rng.randint(1, a + b - 1)
+        question = f"{name} has {a} {thing}. {other} gives {name} {b} more, and then {name} loses {c}. How many {thing} does {name} have now?"
+        steps = [f"{name} has {a} + {b} = {a + b} {thing} after the gift.", f"After losing {c}, {name} has {a + b} - {c} = {a + b - c}."]
+        result = a + b - c
+    elif kind == 1:
+        c = rng.randint(2, 9)
+        question = f"{name} buys {c} bags with {a} {thing} in each and already had {b}. How many {thing} does {name} have in total?"
+        steps = [f"The bags hold {c} * {a} = {c * a} {thing}.", f"With the {b} already there, that is {c * a} + {b} = {c * a + b}."]
+        result = c * a + b
+    elif kind == 2:
+        c = rng.randint(2, 9)
+        total = a * c
+        question = f"{name} shares {total} {thing} equally among {c} friends, and each friend gets {b} more from {other}. How many {thing} does each friend have?"
+        steps = [f"Each friend first gets {total} / {c} = {a} {thing}.", f"With {b} more, each has {a} + {b} = {a + b}."]
+        result = a + b
+    else:
+        c = rng.randint(2, 6)
+        question = f"{name} has {a} {thing} and {other} has {c} times as many. How many {thing} do they have together?"
+        steps = [f"{other} has {c} * {a} = {c * a} {thing}.", f"Together they have {a} + {c * a} = {a + c * a}."]
+        result = a + c * a
+    answer = "\n".join(steps) + f"\n#### {result}"
+    return {"id": f"arithmetic-{index}", "question": question, "answer": answer}
+
+
+@functools.lru_cache(maxsize=1)
+def arithmetic_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:arithmetic as (split, {"id", "question", "answer"}): ARITHMETIC_PROBLEMS problems, split by id hash."""
+    records = [arithmetic_problem(i) for i in range(ARITHMETIC_PROBLEMS)]
+    return tuple((split_of(r["id"]), r) for r in records)

@@ -2,8 +2,8 @@
 
     python -c "from llmkit.metrics.choice_tasks import load_choice_examples as l; print(len(l(['builtin:docsum-choice/test'])))"
 
-Used by `llmkit eval` (metrics [multiple_choice] / [cloze], llmkit/stages/evaluate.py) and by
-pretraining's `train.choice_eval` (`choice_eval_hook`). Reading and parsing happen here, before any
+Used by the multiple-choice and cloze evaluators (llmkit/evals/choice.py, cloze.py) of `llmkit eval`
+and train.evals. Reading and parsing happen here, before any
 model is loaded, so a bad record is a DataError (exit 2) naming the record and the fields it has.
 Scoring and metrics are llmkit/metrics/choice.py's.
 
@@ -15,7 +15,7 @@ forward passes on every process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from llmkit import dist
@@ -24,7 +24,6 @@ from llmkit.errors import DataError
 from llmkit.metrics.choice import (
     ChoiceExample,
     ChoiceScores,
-    choice_metrics,
     cloze_metrics,
     cloze_split,
     parse_choice_record,
@@ -88,32 +87,3 @@ def score_cloze_shared(model, tokenizer, texts: Sequence[str], **kwargs: Any) ->
     gathered = dist.gather_lists([(i, row) for i, row in zip(mine, rows, strict=True)])
     ordered = [row for _, row in sorted(gathered, key=lambda r: r[0])]
     return {**cloze_metrics(ordered), "examples": ordered}
-
-
-def choice_eval_hook(spec, tokenizer) -> Callable[[Any, int], dict[str, float]]:
-    """An `extra_eval(model, step)` for the training loop: acc and acc_norm of spec.source (train.choice_eval).
-
-    The questions are read and parsed now, so a bad record fails before training starts.
-    """
-    examples = load_choice_examples([spec.source], layout=spec.layout, max_samples=spec.max_examples)
-
-    def extra_eval(model, step: int) -> dict[str, float]:
-        scores = score_choices_shared(model, tokenizer, examples, batch_size=spec.batch_size)
-        metrics = choice_metrics(scores, examples)
-        return {"choice_acc": round(metrics["acc"], 6), "choice_acc_norm": round(metrics["acc_norm"], 6)}
-
-    return extra_eval
-
-
-def with_choice_eval(extra_eval, spec, tokenizer):
-    """`extra_eval` (or None) plus, when spec (train.choice_eval) is set, the multiple-choice task's metrics."""
-    if spec is None:
-        return extra_eval
-    choice_eval = choice_eval_hook(spec, tokenizer)
-    if extra_eval is None:
-        return choice_eval
-
-    def both(model, step: int) -> dict[str, float]:
-        return {**(extra_eval(model, step) or {}), **choice_eval(model, step)}
-
-    return both

@@ -3,7 +3,10 @@
     llmkit eval eval/perplexity --set model.path=runs/pretrain-tiny --set data.stride=128
 
 Protocol: each document is scored on its own; its tokens t_0..t_{L-1} are what `tokenizer(text)`
-returns. Window k ends at e_k = min(seq_len + k*stride, L) and starts at s_k = max(0, e_k - seq_len);
+returns, with the tokenizer's BOS (else EOS) token put first when the tokenizer adds none (GPT-2 and
+Qwen style), so t_0 is always a context-only token and every token of the text is scored: this is
+lm-eval's rolling loglikelihood (the first token predicted from the prefix token), and it keeps bits
+per byte honest (every byte of the text is paid for by a scored token). Window k ends at e_k = min(seq_len + k*stride, L) and starts at s_k = max(0, e_k - seq_len);
 it scores the tokens t_i with max(1, e_{k-1}) <= i < e_k (e_{-1} = 0), each predicted from
 t_{s_k}..t_{i-1}. So every token after the first is scored exactly once, with at least
 seq_len - stride tokens of context once the document is long enough. Perplexity =
@@ -161,7 +164,7 @@ def perplexity(
     totals = NllTotals(documents=len(mine), bytes=sum(len(t.encode("utf-8")) for t in mine))
     if not mine:
         return totals
-    token_ids = tokenizer(list(mine), add_special_tokens=True, verbose=False)["input_ids"]
+    token_ids = document_ids(tokenizer, mine)
     windows = [
         (d, *w) for d, ids in enumerate(token_ids) for w in perplexity_windows(len(ids), seq_len, stride)
     ]
@@ -169,6 +172,25 @@ def perplexity(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     totals.nll_sum = score_windows(model, token_ids, windows, batch_size, pad_id)
     return totals
+
+
+def prefix_token(tokenizer) -> int | None:
+    """The token put before each document when the tokenizer adds no BOS: its BOS, else its EOS (lm-eval's prefix)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    probe = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    if bos is not None and probe[:1] == [bos]:
+        return None  # the tokenizer already starts every text with its BOS
+    return bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
+
+
+def document_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each document as the protocol scores them: t_0 is a BOS (or EOS) that is never scored."""
+    token_ids = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    prefix = prefix_token(tokenizer)
+    if prefix is None:
+        return [list(ids) for ids in token_ids]
+    # Without it the text's first token would go unscored while its bytes still count in bits per byte.
+    return [[prefix, *ids] for ids in token_ids]
 
 
 def reduce_totals(totals: NllTotals) -> NllTotals:

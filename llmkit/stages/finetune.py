@@ -7,25 +7,21 @@ Fine-tuning differs from pretraining only in how batches are built (llmkit/data/
 tokens masked, target + EOS trained, length grouping or packing) and how the model is loaded
 (llmkit/models.py: from model.path, optionally wrapped in LoRA adapters); the loop, checkpoints,
 resume, signals and logging are llmkit/training/loop.py. Every eval_every steps the loop logs the
-validation loss and a task metric from generations on a validation sample (ROUGE for summarization
-and instruction, accuracy for classification).
+validation loss and the metrics of train.evals (llmkit/evals/training.py), e.g. ROUGE of generations
+on the validation records, scored exactly as `llmkit eval` scores them.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from llmkit import dist, models, prompts, rundir
 from llmkit.data import sft
 from llmkit.data.splits import builtin_validation_warning
 from llmkit.errors import RecipeError
-from llmkit.generation import generate_texts
-from llmkit.metrics.choice_tasks import with_choice_eval
-from llmkit.metrics.rouge import rouge_scores
-from llmkit.metrics.text import accuracy
-from llmkit.recipes import FinetuneRecipe, GenerationSpec
+from llmkit.evals.training import training_evals
+from llmkit.recipes import FinetuneRecipe
 from llmkit.training.loop import check_launch, fit
 
 
@@ -52,35 +48,6 @@ def load_tokenizer(recipe: FinetuneRecipe):
     return tokenizer
 
 
-def task_metric(recipe: FinetuneRecipe, tokenizer, validation: Sequence[tuple[str, dict]]):
-    """An `extra_eval(model, step)` that generates on a validation sample and scores it, or None.
-
-    ROUGE for summarization and instruction, accuracy for classification (the same scoring as
-    `llmkit eval`); the text task has no task metric.
-    """
-    samples = recipe.task_eval.samples
-    kind = recipe.task.type
-    if samples == 0 or not validation or kind == "text":
-        return None
-    spec = GenerationSpec(max_new_tokens=recipe.task_eval.max_new_tokens)
-    budget = max(recipe.data.seq_len - spec.max_new_tokens, recipe.data.seq_len // 2)
-    texts, references = [], []
-    for where, record in validation[:samples]:
-        formatted = prompts.format_record(recipe.task, record, tokenizer, max_prompt_tokens=budget, where=where)
-        texts.append(formatted.prompt)
-        references.append(formatted.target)
-
-    def extra_eval(model, step: int) -> dict[str, float]:
-        """Generate for the sample and score it."""
-        predictions = generate_texts(model, tokenizer, texts, spec, batch_size=min(8, len(texts)))
-        if kind == "classification":
-            return {"accuracy": accuracy(predictions, references)}
-        scores = rouge_scores(predictions, references)
-        return {k: float(v) for k, v in scores.items() if k.startswith("rouge")}
-
-    return extra_eval
-
-
 def run(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
     """`llmkit finetune RECIPE`: check, load records and tokenizer, tokenize, load the model, then `fit`."""
     # A run directory in use by another run, or that cannot be written, fails before any work.
@@ -93,6 +60,8 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     check(recipe)
     tokenizer = load_tokenizer(recipe)
     train, validation = sft.checked_records(recipe)  # also fills task.labels and task.record_format, which resume compares
+    # train.evals reads its records now; without data.test a task scores the run's validation records.
+    extra_eval = training_evals(recipe.train.evals, tokenizer, run_task=recipe.task, validation=validation)
     models.training_config(recipe, tokenizer)
     check_launch(recipe, rundir.check_run_dir(recipe, overwrite=overwrite))
 
@@ -108,6 +77,8 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
 
     # 3. Model (+ adapters), and the batch layout the model supports.
     model = models.build_model(recipe, tokenizer)
+    if extra_eval is not None:
+        extra_eval.plan(model.config)
     packing = recipe.data.packing
     if packing and not models.enable_packing(model):
         print(
@@ -136,7 +107,7 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
         model,
         tokenizer,
         data,
-        extra_eval=with_choice_eval(task_metric(recipe, tokenizer, validation), recipe.train.choice_eval, tokenizer),
+        extra_eval=extra_eval,
         save_final=save_final,
         overwrite=overwrite,
     )

@@ -12,7 +12,21 @@ from pathlib import Path
 from llmkit import rundir
 from llmkit.errors import DataError, LlmkitError, writing
 
-ACC_KEYS = ("choice_acc", "choice_acc_norm")  # logged by train.choice_eval (llmkit/metrics/choice_tasks.py)
+ACC_SUFFIXES = ("acc", "acc_norm", "accuracy")  # accuracies logged by train.evals (llmkit/evals/training.py)
+
+
+def accuracy_keys(runs) -> list[str]:
+    """The accuracy keys of the runs' eval events (NAME_acc, NAME_acc_norm, accuracy, exact_match/FILTER), in first-seen order."""
+    keys: dict[str, None] = {}
+    for _, events in runs:
+        for event in events:
+            if event.get("event") != "eval":
+                continue
+            for key in event:
+                matched = "match/" in key and "stderr" not in key  # a generative task's exact_match/FILTER
+                if key in ACC_SUFFIXES or key.endswith(("_acc", "_acc_norm", "_accuracy")) or matched:
+                    keys.setdefault(key)
+    return list(keys)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -51,8 +65,9 @@ def run(run_dirs: list[Path], output: Path) -> str:
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     if not any(events for _, events in runs):
         raise DataError(f"{', '.join(str(d) for d in run_dirs)}: the metrics logs hold no events yet")
-    # train.choice_eval logs choice_acc / choice_acc_norm in eval events: a fourth panel shows them.
-    has_acc = any(e.get("event") == "eval" and ACC_KEYS[0] in e for _, events in runs for e in events)
+    # train.evals logs accuracies (e.g. choice_acc, choice_acc_norm) in eval events: a fourth panel shows them.
+    acc_keys = accuracy_keys(runs)
+    has_acc = bool(acc_keys)
     fig, axes = plt.subplots(1, 4 if has_acc else 3, figsize=(21 if has_acc else 16, 4.5))
     ax_steps, ax_tokens, ax_lr = axes[:3]
     for index, (run_dir, events) in enumerate(runs):
@@ -66,7 +81,8 @@ def run(run_dirs: list[Path], output: Path) -> str:
                 ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{label} validation")
         xs, ys = _series(events, "train", "lr", "step")
         ax_lr.plot(xs, ys, color=color, label=label)
-        for key, style in zip(ACC_KEYS, ("-", ":"), strict=True) if has_acc else ():
+        for n, key in enumerate(acc_keys):
+            style = ("-", ":", "--", "-.")[n % 4]
             xs, ys = _series(events, "eval", key, "step")
             if xs:
                 axes[3].plot(xs, ys, color=color, linestyle=style, marker="o", markersize=3, label=f"{label} {key}")
@@ -74,7 +90,7 @@ def run(run_dirs: list[Path], output: Path) -> str:
     ax_tokens.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="loss vs tokens")
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
     if has_acc:
-        axes[3].set(xlabel="optimizer step", ylabel="accuracy", title="multiple choice (train.choice_eval)")
+        axes[3].set(xlabel="optimizer step", ylabel="accuracy", title="accuracy (train.evals)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

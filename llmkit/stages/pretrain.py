@@ -14,7 +14,7 @@ from typing import Any
 from llmkit import dist, models, rundir
 from llmkit.data.lm import check_lm_data, lm_train_data
 from llmkit.data.splits import builtin_validation_warning
-from llmkit.metrics.choice_tasks import with_choice_eval
+from llmkit.evals.training import training_evals
 from llmkit.recipes import PretrainRecipe
 from llmkit.scaling.shapes import sized_recipe
 from llmkit.training.loop import check_launch, fit
@@ -43,9 +43,11 @@ def run(recipe: PretrainRecipe, overwrite: bool = False) -> dict[str, Any]:
         # 2. Tokenizer, model (seeded by train.seed), packed blocks (tokenized once, cached).
         if tokenizer is None:
             tokenizer = models.load_tokenizer(recipe.tokenizer)
-        # train.choice_eval's questions are read (and a bad record refused) before the model is built.
-        extra_eval = with_choice_eval(None, recipe.train.choice_eval, tokenizer)
+        # train.evals' records are read (and a bad record refused) before the model is built.
+        extra_eval = training_evals(recipe.train.evals, tokenizer)
         model = models.build_model(recipe, tokenizer)
+        if extra_eval is not None:
+            extra_eval.plan(model.config)
         data = lm_train_data(recipe, tokenizer)
         # 3. The shared loop.
         return fit(recipe, model, tokenizer, data, extra_eval=extra_eval, overwrite=overwrite)

@@ -39,7 +39,7 @@ def runner(kind: str):
 FAST = {
     "tokenizer": ["tokenizer.vocab_size=1024"],
     "pretrain": ["train.max_steps=30", "train.warmup_steps=3", "train.eval_every=15", "train.save_every=15"],
-    "finetune": ["train.max_steps=16", "train.warmup_steps=2", "train.eval_every=8", "train.save_every=8", "task_eval.samples=4"],
+    "finetune": ["train.max_steps=16", "train.warmup_steps=2", "train.eval_every=8", "train.save_every=8", "train.evals=[{metrics: [rouge], data: {max_samples: 4}, generation: {max_new_tokens: 32}}]"],
     "eval": ["data.max_samples=12", "generation.max_new_tokens=24"],
 }
 
