@@ -310,7 +310,7 @@ def _checkpoint_recipe(path: str, where: str):
             "own layout); load the run's final model instead"
         )
     try:
-        recipe = load_recipe(run / "recipe.yaml")
+        recipe = load_recipe(run / "recipe.yaml", run_recipe=True)
     except RecipeError as exc:
         raise ModelError(f"{where}: {path}: the run's recipe.yaml does not load ({exc})") from None
     if recipe.stage not in ("pretrain", "finetune"):

@@ -799,7 +799,7 @@ def run_prompt(model: str | Path) -> RunPrompt:
     if not path.is_file():
         return RunPrompt("raw", reason=f"{model} has no recipe.yaml: not an llmkit fine-tuning run")
     try:
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, run_recipe=True)  # a run written before train.evals still reads
     except RecipeError as exc:
         return RunPrompt("raw", source=str(path), reason=f"{path} does not load ({exc})")
     task = getattr(recipe, "task", None)

@@ -1213,8 +1213,28 @@ def format_validation_error(
     return f"{prefix}: {dotted}: {err['msg'].rstrip('.')} (got {err.get('input')!r})"
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
-    """Load, override and validate a recipe; `stage` is the command that runs it."""
+REPLACED_KEYS = (("task_eval",), ("train", "choice_eval"))
+"""Keys that newer recipes refuse (naming their replacement) but that a run's recipe.yaml written
+before the change still holds; they only chose what was evaluated, never what a step computes."""
+
+
+def drop_replaced_keys(data: dict) -> dict:
+    """`data` without REPLACED_KEYS (a run's recipe.yaml written by an older llmkit)."""
+    out = dict(data)
+    out.pop("task_eval", None)
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k != "choice_eval"}
+    return out
+
+
+def load_recipe(
+    name_or_path: str | Path, overrides: list[str] | None = None, stage: str | None = None, run_recipe: bool = False
+) -> Recipe:
+    """Load, override and validate a recipe; `stage` is the command that runs it.
+
+    run_recipe=True reads a run directory's recipe.yaml: keys an older llmkit wrote and this one
+    replaced (REPLACED_KEYS) are dropped instead of refused.
+    """
     path = resolve_recipe_path(name_or_path, stage)
     try:
         text = path.read_text(encoding="utf-8")
@@ -1230,6 +1250,8 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, st
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys, got {type(data).__name__}")
+    if run_recipe:
+        data = drop_replaced_keys(data)
     overrides = list(overrides or [])
     return recipe_from_dict(apply_overrides(data, overrides), where=str(path), stage=stage, text=text, overrides=overrides)
 

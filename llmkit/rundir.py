@@ -42,7 +42,7 @@ import yaml
 
 from llmkit import dist
 from llmkit.errors import RunDirError, writing
-from llmkit.recipes import recipe_to_yaml, resumable_keys
+from llmkit.recipes import REPLACED_KEYS, recipe_to_yaml, resumable_keys
 
 try:
     import fcntl
@@ -310,7 +310,9 @@ def claim(recipe, overwrite: bool = False, what: str = "run") -> RunDir:
         )
     if overwrite:
         return RunDir(output_dir, "replace")
-    diff = recipe_difference(old, yaml.safe_load(recipe_to_yaml(recipe)), {("output_dir",), *resumable_keys(type(recipe))})
+    # REPLACED_KEYS: a run started by an older llmkit resumes although its recipe.yaml still holds them.
+    ignored = {("output_dir",), *resumable_keys(type(recipe)), *REPLACED_KEYS}
+    diff = recipe_difference(old, yaml.safe_load(recipe_to_yaml(recipe)), ignored)
     if diff is None:
         return RunDir(output_dir, "same")
     raise RunDirError(

@@ -346,3 +346,20 @@ def test_generative_record_without_the_field_names_record_and_key(tmp_path, tiny
     assert result.exit_code == 2, result.output
     err = result.stderr.strip()
     assert "gsm.jsonl:2" in err and "'question'" in err and "answer.prompt_template" in err and "\n" not in err, err
+
+
+def test_a_run_written_before_train_evals_still_loads_and_resumes(tmp_path):
+    """A run's recipe.yaml from an older llmkit holds task_eval and train.choice_eval: eval, generate and resume still read it."""
+    from llmkit import rundir
+    from llmkit.recipes import recipe_to_yaml
+
+    recipe = load_recipe("finetune/tiny-summarization", [f"output_dir={tmp_path / 'run'}"])
+    old = yaml.safe_load(recipe_to_yaml(recipe))
+    old["task_eval"] = {"samples": 32, "max_new_tokens": 64}
+    old["train"]["choice_eval"] = None
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(old), encoding="utf-8")
+    with pytest.raises(RecipeError, match="task_eval was replaced by train.evals"):
+        load_recipe(tmp_path / "run" / "recipe.yaml")
+    assert load_recipe(tmp_path / "run" / "recipe.yaml", run_recipe=True).task.type == "summarization"
+    assert rundir.claim(recipe, overwrite=False).state == "same"
