@@ -135,7 +135,6 @@ def chat_recipe(tmp_path: Path, model_dir: Path, train, task: dict | None = None
             "max_steps": steps, "micro_batch_size": 8, "lr": 3e-3, "schedule": "constant", "warmup_steps": 0,
             "weight_decay": 0.0, "log_every": 1, "eval_every": steps, "save_every": steps,
         },
-        "task_eval": {"samples": 0},
     }
     for key, value in sections.items():
         recipe.setdefault(key, {}).update(value)
