@@ -174,7 +174,8 @@ def lm_eval_worker(work: Path, task: str, batch_size: int) -> dict:
             entry = by_id.setdefault(s["doc_id"], [s["resps"][0][0], None, None])
             entry[1 if s["filter"] == "strict-match" else 2] = s["filtered_resps"][0]
         answers = [by_id[i] for i in sorted(by_id)]
-    return {"seconds": seconds, "questions": len(samples), "scores": scores, "answers": answers}
+    questions = len({s["doc_id"] for s in samples})  # a generative task logs one sample per filter
+    return {"seconds": seconds, "questions": questions, "scores": scores, "answers": answers}
 
 
 def worker(side: str, work: Path, task: str, batch_size: int) -> None:

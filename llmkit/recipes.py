@@ -374,7 +374,7 @@ class TrainConfig(Section):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers.", json_schema_extra=RESUMABLE)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.", json_schema_extra=RESUMABLE)
     # RESUMABLE: scoring runs under inference_mode and draws no random numbers, so no step changes.
-    evals: list["EvalTask"] = Field(
+    evals: list[EvalTask] = Field(
         default_factory=list, description="Evaluations scored at every eval, as `llmkit eval` scores them (see docs/evaluation.md).",
         json_schema_extra=RESUMABLE,
     )

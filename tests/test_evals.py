@@ -215,7 +215,7 @@ def test_lm_eval_filters_agree_when_installed():
     assert flexible == [extract(g, "last_number") for g, _, _, _ in GENERATIONS]
     references = [r for _, r, _, _ in GENERATIONS]
     want = exact_match_hf_evaluate(strict, references, regexes_to_ignore=IGNORE, ignore_case=True)["exact_match"]
-    assert want == pytest.approx(sum(exact_match(a, r, IGNORE, True) for a, r in zip(strict, references)) / len(references))
+    assert want == pytest.approx(sum(exact_match(a, r, IGNORE, True) for a, r in zip(strict, references, strict=True)) / len(references))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,8 +259,8 @@ def test_generative_task_scores_equal_an_independent_generation(tmp_path, tiny_m
 def test_generative_prompt_as_chat_turns_is_recorded_and_rendered(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from llmkit.prompts import ensure_chat_template, render_chat
     from llmkit.data.sources import iter_located_records
+    from llmkit.prompts import ensure_chat_template, render_chat
 
     records = [r for _, r in iter_located_records(["builtin:arithmetic/test"], max_samples=3)]
     test = write_jsonl(tmp_path / "gsm.jsonl", records)
@@ -363,3 +363,43 @@ def test_a_run_written_before_train_evals_still_loads_and_resumes(tmp_path):
         load_recipe(tmp_path / "run" / "recipe.yaml")
     assert load_recipe(tmp_path / "run" / "recipe.yaml", run_recipe=True).task.type == "summarization"
     assert rundir.claim(recipe, overwrite=False).state == "same"
+
+
+def test_generative_scores_equal_lm_eval_when_it_is_installed(tmp_path, tiny_model_dir):
+    """Where lm-evaluation-harness is installed: its gsm8k-style generate_until task and llmkit give the same generations and scores."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from llmkit.data.sources import iter_located_records
+
+    test = write_jsonl(tmp_path / "test.jsonl", [r for _, r in iter_located_records(["builtin:arithmetic/test"], max_samples=3)])
+    train = write_jsonl(tmp_path / "train.jsonl", [r for _, r in iter_located_records(["builtin:arithmetic/train"], max_samples=2)])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "arith.yaml").write_text(
+        f"task: arith\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {test}, train: {train}}}\n"
+        "test_split: test\ntraining_split: train\nfewshot_split: train\noutput_type: generate_until\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: "{{answer}}"\n'
+        "num_fewshot: 2\nfewshot_config:\n  sampler: first_n\n"
+        'generation_kwargs:\n  until: ["Question:", "\\n\\n"]\n  do_sample: false\n  max_gen_toks: 10\n'
+        f"metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n    ignore_case: true\n"
+        f"    ignore_punctuation: false\n    regexes_to_ignore: {json.dumps(IGNORE)}\n"
+        f"filter_list:\n  - name: strict-match\n    filter:\n      - function: regex\n        regex_pattern: {json.dumps(STRICT)}\n"
+        "      - function: take_first\n  - name: flexible-extract\n    filter:\n      - function: regex\n        group_select: -1\n"
+        '        regex_pattern: "(-?[$0-9.,]{2,})|(-?[0-9]+)"\n      - function: take_first\n'
+    )  # fmt: skip
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32", tasks=["arith"],
+                                  task_manager=TaskManager(include_path=str(tasks)), batch_size=2, device="cpu", log_samples=True)  # fmt: skip
+    path = eval_recipe(tmp_path, str(tiny_model_dir), str(test), metrics=["generative"],
+                       answer={"num_fewshot": 2, "fewshot_split": str(train), "fewshot_seed": None},
+                       generation={"max_new_tokens": 10, "stop": ["Question:", "\n\n"]})  # fmt: skip
+    result = run_eval(path)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    for sample in out["samples"]["arith"]:
+        row = rows[sample["doc_id"]]
+        assert row["generation"] == sample["resps"][0][0]
+        assert row["answers"][sample["filter"]] == sample["filtered_resps"][0]
+    for name in ("strict-match", "flexible-extract"):
+        assert saved["metrics"][f"exact_match/{name}"] == out["results"]["arith"][f"exact_match,{name}"]

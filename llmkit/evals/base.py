@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from llmkit import dist
-from llmkit.data.sources import describe
 from llmkit.errors import DataError, RecipeError
 from llmkit.models import max_positions
 from llmkit.recipes import EvalTask, TaskSpec
@@ -148,17 +147,6 @@ class Evaluator:
         """Metric keys worth a log line and a comparison column."""
         return tuple(self.names)
 
-    # Shared helpers -------------------------------------------------------------------------
-
-    def sources(self):
-        """data.test, or (train.evals in fine-tuning) None for the run's validation records."""
-        return self.task.data.test
-
-    def describe_data(self) -> str:
-        """The test data in words."""
-        test = self.task.data.test
-        return describe(test) if test else "the run's validation records"
-
 
 def check_fewshot_pool(k: int, pool_size: int, key: str, pool: str, same_split: bool) -> None:
     """RecipeError naming the key and the pool when k solved examples cannot be drawn for every question."""
@@ -171,11 +159,6 @@ def check_fewshot_pool(k: int, pool_size: int, key: str, pool: str, same_split: 
             f"{key} ({k}) is larger than the {available} {noun} left in the few-shot pool of {pool}{left}; "
             f"lower it or give {split_key}"
         )
-
-
-def where_limit(plan: Plan) -> str:
-    """'the 256 positions of PATH' for messages."""
-    return f"the {plan.positions} positions of {plan.path}"
 
 
 def require_test(task: EvalTask, metric: str) -> None:

@@ -22,11 +22,11 @@ from llmkit.data.sources import describe, iter_located_records, source_names
 from llmkit.errors import DataError, RecipeError
 from llmkit.evals import prompting
 from llmkit.evals.base import Evaluator, Plan, Scored, check_fewshot_pool, no_progress, require_test
-from llmkit.prompts import encode_prompts
 from llmkit.generation import generate_ids
 from llmkit.metrics.answers import exact_match, extract, numeric_match
 from llmkit.metrics.choice import mean_stderr
 from llmkit.models import max_positions
+from llmkit.prompts import encode_prompts
 
 
 def template_fields(template: str) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit import __version__
-from llmkit.data.sources import describe, source_names
+from llmkit.data.sources import describe
 from llmkit.errors import RecipeError
 from llmkit.evals.base import EvalContext, Evaluator, Plan, Progress, ProgressFactory, Scored, no_progress
 from llmkit.evals.registry import build_evaluators
@@ -113,11 +113,6 @@ def headline(run: TaskRun) -> tuple[str, float] | None:
         if key is not None and (key != "accuracy" or "accuracy" in evaluator.names):
             return key, evaluator.chance()
     return None
-
-
-def source_list(task: EvalTask) -> str:
-    """The task's test sources as written."""
-    return source_names(task.data.test)
 
 
 def progress_bars(total: int, description: str, unit: str) -> Progress:

@@ -13,8 +13,7 @@ import math
 import time
 from typing import Any
 
-from llmkit import dist
-from llmkit import prompts
+from llmkit import dist, prompts
 from llmkit.data.sources import iter_located_records, source_names
 from llmkit.errors import RecipeError
 from llmkit.evals.base import Evaluator, Plan, Scored, no_progress
