@@ -9,12 +9,72 @@ into batches (sorted by length so little padding is wasted), decoded with the KV
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llmkit.models import max_positions
+from llmkit.errors import RecipeError
+from llmkit.models import check_new_tokens, max_positions
 from llmkit.prompts import encode_prompts, stop_token_ids
 from llmkit.recipes import GenerationSpec
+
+# What 0 (or 1) means for an option, named in its error message.
+OPTION_MEANINGS = {"temperature": "0 = greedy", "top_k": "0 = all", "repetition_penalty": "1 = none"}
+# pydantic's constraint error types -> how `llmkit generate` states the bound.
+BOUND_WORDING = {"greater_than_equal": ">= {ge}", "greater_than": "> {gt}", "less_than_equal": "<= {le}", "less_than": "< {lt}"}
+
+
+def option_spec(
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    stop: Sequence[str],
+    seed: int,
+) -> GenerationSpec:
+    """The GenerationSpec of `llmkit generate`'s command-line options; RecipeError naming the first bad one.
+
+    Every option goes through the same pydantic field as a recipe's `generation` section, so a bound
+    declared there is checked here too; only the message is worded for the command line.
+    """
+    from pydantic import ValidationError
+
+    options = {"temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty}
+    for name, value in options.items():
+        if not math.isfinite(value):  # nan compares false with every bound: it would slip through them all
+            raise RecipeError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if temperature < 0:
+        raise RecipeError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise RecipeError(f"--top-p must be in (0, 1], got {top_p}")
+    try:
+        return GenerationSpec(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,  # 0 means greedy; the field itself must be > 0
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            stop=list(stop),
+            seed=seed,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0])
+        wording = BOUND_WORDING.get(error["type"])
+        bound = wording.format(**error.get("ctx", {})) if wording else error["msg"].lower()
+        meaning = f" ({OPTION_MEANINGS[name]})" if name in OPTION_MEANINGS else ""
+        raise RecipeError(f"--{name.replace('_', '-')} must be {bound}{meaning}, got {error['input']}") from None
+
+
+def fit_prompt(ids: Sequence[int], max_new_tokens: int, limit: int | None) -> list[int]:
+    """The end of a prompt, as much of it as fits before `max_new_tokens` in `limit` positions."""
+    ids = list(ids)
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        # Keep the end of an over-long prompt: it holds the cue ("Summary:") the model answers.
+        ids = ids[len(ids) + max_new_tokens - limit :]
+    return ids
 
 # ----------------------------------------------------------------------------------------------
 # Batched generation
@@ -100,15 +160,18 @@ def generate_ids(
     batch_size: int = 8,
     num_return_sequences: int = 1,
     on_batch: Callable[[int], None] | None = None,
+    key: str = "generation.max_new_tokens",
 ) -> list[list[str]]:
     """Continuations of pre-tokenized prompts: `num_return_sequences` texts per prompt, in prompt order.
 
-    on_batch(n) is called after each batch of n prompts (a progress bar).
+    on_batch(n) is called after each batch of n prompts (a progress bar); `key` names the setting of
+    `spec.max_new_tokens` in the error when it leaves no room for a prompt.
     """
     import torch
 
     if not prompt_ids:
         return []
+    check_new_tokens(spec.max_new_tokens, model.config, key, "the model")
     config = generation_config(spec, tokenizer, num_return_sequences)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     limit = max_positions(model.config)
@@ -121,10 +184,7 @@ def generate_ids(
         chunk = order[start : start + batch_size]
         rows = []
         for i in chunk:
-            ids = list(prompt_ids[i])
-            if limit is not None and len(ids) + spec.max_new_tokens > limit:
-                # Keep the end of an over-long prompt: it holds the cue ("Summary:") the model answers.
-                ids = ids[len(ids) + spec.max_new_tokens - limit :]
+            ids = fit_prompt(prompt_ids[i], spec.max_new_tokens, limit)
             if not ids:
                 ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id]
             rows.append(ids)

@@ -83,6 +83,21 @@ def max_positions(config) -> int | None:
     return None
 
 
+def check_new_tokens(max_new_tokens: int, config, key: str, where: str) -> None:
+    """RecipeError when `max_new_tokens` leaves no room for a prompt in the model's positions.
+
+    A model with learned position embeddings (gpt2) fails with an IndexError past its last
+    position; rotary models (llama) run on with a warning, forever for a huge value. A prompt that
+    is too long is cut to its end instead (generation.py `fit_prompt`): its last tokens hold the cue the model answers.
+    """
+    limit = max_positions(config)
+    if limit is not None and max_new_tokens >= limit:
+        raise RecipeError(
+            f"{key} ({max_new_tokens:,}) leaves no room for a prompt in the {limit:,} positions of {where}; "
+            f"set it to at most {limit - 1:,}"
+        )
+
+
 def model_config(recipe, vocab_size: int | None = None, special_ids: dict[str, int] | None = None):
     """The transformers config a recipe describes (no weights): from model.type + overrides, or model.path."""
     from transformers import AutoConfig
@@ -259,6 +274,9 @@ def _check_config(recipe, config) -> None:
             f"data.seq_len ({seq_len}) is larger than the model's max positions ({limit}); "
             f"lower data.seq_len or raise model.max_position_embeddings"
         )
+    task_eval = getattr(recipe, "task_eval", None)
+    if task_eval is not None and task_eval.samples > 0:  # the task metric generates after each evaluation
+        check_new_tokens(task_eval.max_new_tokens, config, "task_eval.max_new_tokens", "the model")
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.generation import generate_texts
+from llmkit.generation import decode_continuation, generate_texts
 from llmkit.models import load_model
 from llmkit.recipes import GenerationSpec
+from pretrain_helpers import assert_clean_error
 
 runner = CliRunner()
 PROMPTS = [
@@ -146,3 +147,90 @@ def test_cli_bad_input_exits_2(tmp_path, tiny_model_dir, args, needle):
     result = runner.invoke(app, ["generate", *argv])
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Report 2026-12-06 N5, N6, N8: every option checked before the model loads, files read as text,
+# lengths held to the model's positions.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--top-k", "-1"], "--top-k must be >= 0 (0 = all), got -1"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+        (["--repetition-penalty", "-2"], "--repetition-penalty must be > 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+        (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+        (["--top-p", "nan"], "--top-p must be a finite number"),
+        (["--repetition-penalty", "inf"], "--repetition-penalty must be a finite number"),
+        (["--temperature", "-1"], "--temperature must be >= 0 (0 = greedy)"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ],
+)
+def test_every_sampling_option_is_checked_before_loading(tmp_path, args, line):
+    # The model directory does not exist: an option error must come first, before anything is loaded.
+    result = runner.invoke(app, ["generate", str(tmp_path / "no-model"), "hi", *args])
+    assert_clean_error(result, line)
+
+
+def test_file_that_is_not_text_or_is_a_directory_is_one_line(tmp_path, tiny_model_dir):
+    binary = tmp_path / "prompts.jsonl"
+    binary.write_bytes(b'{"prompt": "ok"}\n\xff\xfe\x00')
+    result = runner.invoke(app, ["generate", str(tiny_model_dir), "--file", str(binary)])
+    assert_clean_error(result, f"--file {binary}: not UTF-8 text (byte 17, line 2: ff)")
+    result = runner.invoke(app, ["generate", str(tiny_model_dir), "--file", str(tmp_path)])
+    assert_clean_error(result, f"--file {tmp_path}: is a directory")
+
+
+def test_binary_stdin_is_one_line(tiny_model_dir):
+    result = runner.invoke(app, ["generate", str(tiny_model_dir), "--max-new-tokens", "2"], input=b"ab\x80cd")
+    assert_clean_error(result, "stdin: not UTF-8 text (byte 2, line 1: 80)")
+
+
+@pytest.fixture(scope="module")
+def gpt2_32_positions(tmp_path_factory, tokenizer_dir):
+    """A 2-layer gpt2 with 32 learned positions: one position past them is an IndexError in torch."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("gpt2-32")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_new_tokens_beyond_the_positions_are_refused(gpt2_32_positions, stream):
+    result = runner.invoke(app, ["generate", str(gpt2_32_positions), "hi", "--max-new-tokens", "32", stream])
+    assert_clean_error(result, "--max-new-tokens (32)", "32 positions", "at most 31")
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_long_prompt_is_cut_to_its_end_with_a_note(gpt2_32_positions, stream):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_32_positions)
+    prompt = "word " * 100
+    assert len(tokenizer(prompt)["input_ids"]) > 32
+    result = runner.invoke(
+        app, ["generate", str(gpt2_32_positions), prompt, "--max-new-tokens", "8", "--temperature", "0", stream]
+    )
+    assert result.exit_code == 0, result.output
+    assert "only its last 24 fit before --max-new-tokens 8 in the model's 32 positions" in result.stderr
+    # The continuation equals generating from the prompt's last 24 tokens.
+    model, tok = load_model(str(gpt2_32_positions), device="cpu")
+    ids = tok(prompt)["input_ids"][-24:]
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 24, dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert result.stdout.rstrip("\n") == decode_continuation(tok, out[0, 24:].tolist(), [])

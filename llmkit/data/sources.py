@@ -346,6 +346,32 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
     )
 
 
+def decode_utf8(data: bytes, where: str) -> str:
+    """`data` as UTF-8 text (a byte-order mark dropped); DataError naming `where` and the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{where}: not UTF-8 text (byte {exc.start:,}, line {line:,}: {data[exc.start : exc.end].hex(' ')}); "
+            "give a text file, or convert it to UTF-8 (iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def read_text_file(path: Path, label: str) -> str:
+    """The whole text of a file a user named on the command line (`label`, e.g. "--file"); DataError when it is not one.
+
+    A directory, a missing path and bytes that are not UTF-8 each get one line naming `label` and the
+    path; a named pipe or /dev/stdin is read like a file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{label} {path}: is a directory; give a text file")
+    if not path.exists():
+        raise DataError(f"{label} {path}: no such file")
+    return decode_utf8(path.read_bytes(), f"{label} {path}")
+
+
 def _read_file(path: Path, columns: list[str] | None, errors: str = "strict") -> Iterator[tuple[str, dict]]:
     """Records of one local file, with decoding errors turned into one-line DataErrors."""
     kind = _format_of(path)

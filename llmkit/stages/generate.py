@@ -19,9 +19,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from llmkit.data.sources import decode_utf8, read_text_file
 from llmkit.errors import DataError, ModelError, RecipeError
-from llmkit.generation import cut_at_stop, decode_continuation, generate_ids, generation_config, stop_criteria
-from llmkit.models import check_model_dir, load_model, max_positions
+from llmkit.generation import (
+    check_new_tokens,
+    cut_at_stop,
+    decode_continuation,
+    fit_prompt,
+    generate_ids,
+    generation_config,
+    option_spec,
+    stop_criteria,
+)
+from llmkit.models import check_model_dir, checkpoint_config, load_model, max_positions
 from llmkit.prompts import (
     RunPrompt,
     chat_prompt_ids,
@@ -92,9 +102,7 @@ def read_prompts(
             raise RecipeError("give either a PROMPT argument or --file, not both")
         return [prompt]
     if file is not None:
-        if not file.is_file():
-            raise DataError(f"--file: {file}: no such file")
-        text = file.read_text(encoding="utf-8")
+        text = read_text_file(file, "--file")
         if file.suffix == ".jsonl":
             prompts: list[str | dict] = []
             for n, line in enumerate(text.splitlines(), 1):
@@ -119,7 +127,9 @@ def read_prompts(
     stdin = stdin or sys.stdin
     if stdin.isatty():
         return None
-    prompts = list(_split_prompts(stdin.read(), one_per_line))
+    # Bytes, decoded strictly: Python's stdin would turn bytes that are not UTF-8 into surrogates, which the tokenizer rejects.
+    piped = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+    prompts = list(_split_prompts(decode_utf8(piped, "stdin"), one_per_line))
     if not prompts:
         raise DataError("stdin held no prompts")
     return prompts
@@ -131,6 +141,7 @@ def _stream_one(lm, tokenizer, ids: list[int], spec: GenerationSpec) -> str:
     import typer
 
     device = next(lm.parameters()).device
+    ids = fit_prompt(ids, spec.max_new_tokens, max_positions(lm.config))  # as generate_ids does when not streaming
     streamer = _stop_aware_streamer(tokenizer, spec.stop, sys.stdout)
     with torch.inference_mode():
         out = lm.generate(
@@ -212,19 +223,15 @@ def run(
     import typer
 
     # 1. Validate every option before loading anything.
-    if temperature < 0:
-        raise RecipeError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if max_new_tokens < 1:
-        raise RecipeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    spec = option_spec(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop or [], seed)
     if num_samples < 1:
         raise RecipeError(f"--num-samples must be >= 1, got {num_samples}")
     if num_samples > 1 and temperature == 0:
         raise RecipeError(
             "--num-samples > 1 with --temperature 0 repeats one greedy answer; set --temperature > 0"
         )
-    if not 0 < top_p <= 1:
-        raise RecipeError(f"--top-p must be in (0, 1], got {top_p}")
     check_model_dir(model, "MODEL", tokenizer_key=None)  # generate has no tokenizer option
+    check_new_tokens(max_new_tokens, checkpoint_config(model, "MODEL"), "--max-new-tokens", "MODEL")
     trained = RunPrompt("raw", reason="--raw") if raw else run_prompt(model)
     if chat and trained.kind == "template":
         trained = RunPrompt("raw", reason="--chat: the chat template, not the run's prompt template")
@@ -235,16 +242,6 @@ def run(
             f"MODEL: the prompt template of {trained.source} names {len(fields)} fields ({', '.join(fields) or 'none'}), so a "
             "plain prompt cannot fill it; give --file records.jsonl with those fields, or pass --raw"
         )
-    spec = GenerationSpec(
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        stop=list(stop or []),
-        seed=seed,
-    )
 
     # 2. Load, and build prompts as the run was trained (chat template, prompt template) or as asked.
     lm, tokenizer = load_model(model, where="MODEL")
@@ -270,6 +267,14 @@ def run(
         prompt_ids = [chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": p}]) for p in prompts]
     else:
         prompt_ids = [to_ids(p) for p in prompts]
+
+    for i, ids in enumerate(prompt_ids):
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            typer.echo(
+                f"(prompt {i + 1} is {len(ids):,} tokens: only its last {limit - max_new_tokens:,} fit before "
+                f"--max-new-tokens {max_new_tokens:,} in the model's {limit:,} positions)",
+                err=True,
+            )
 
     # 3. Generate: token by token to the terminal, or batched when not streaming.
     many = len(prompts) > 1 or num_samples > 1
