@@ -238,10 +238,10 @@ def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
 def data_inspect(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    num_examples: Annotated[int, typer.Option("--num", "-n", help="Examples to show.")] = 3,
+    num_examples: Annotated[int, typer.Option("--num", "-n", help="Examples (or packed blocks) to show.")] = 3,
 ) -> None:
-    """Show formatted training examples with trained and masked tokens told apart."""
-    stage("data inspect").inspect(load_recipe(recipe, set_, stage="finetune"), num_examples=num_examples)
+    """Show a fine-tune's examples with trained and masked tokens told apart, or a pretrain recipe's packed blocks."""
+    stage("data inspect").inspect(load_recipe(recipe, set_), num_examples=num_examples)
 
 
 # ----------------------------------------------------------------------------------------------

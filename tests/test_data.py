@@ -195,3 +195,38 @@ def test_packed_blocks_pickle_by_file_name_for_loader_workers(recipe, tokenizer)
     assert len(payload) < 10_000 < blocks.tokens.nbytes  # the file name travels, not the tokens
     again = pickle.loads(payload)
     assert len(again) == len(blocks) and again[3]["input_ids"].tolist() == blocks[3]["input_ids"].tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# `llmkit data inspect` on a pretrain recipe (report 2026-12-06 N11): the packed blocks, not advice to pretrain
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2])
+def test_data_inspect_shows_the_blocks_training_reads(tmp_path, tokenizer_dir, tokenizer, fraction):
+    from llmkit.data.lm import lm_train_data
+    from llmkit.stages.data import first_blocks
+
+    corpus = write_corpus(tmp_path, docs=30)
+    raw = recipe_dict(tmp_path, tokenizer_dir, corpus, data={"validation_fraction": fraction})
+    path = write_recipe(tmp_path / "pre.yaml", raw)
+    result = CliRunner().invoke(app, ["data", "inspect", str(path), "-n", "3"])
+    assert result.exit_code == 0, result.output
+    assert "block 2 [32 tokens" in result.stdout and "block 3" not in result.stdout
+    # The blocks are those the cache packs for training (built independently by lm.py), in order.
+    recipe = recipe_from_dict(raw, stage="pretrain")
+    data = lm_train_data(recipe, tokenizer, world_size=1)
+    cached = [data.train[i]["input_ids"].tolist() for i in range(3)]
+    assert first_blocks(recipe, tokenizer, recipe.data.train, 3) == cached
+    eos = tokenizer.decode([tokenizer.eos_token_id])
+    ends = sum(block.count(tokenizer.eos_token_id) for block in cached)
+    assert result.stdout.count(f"||{eos}||") == ends
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_inspect_on_a_recipe_that_trains_nothing_is_one_line(tmp_path):
+    from pretrain_helpers import assert_clean_error
+
+    path = write_recipe(tmp_path / "eval.yaml", {"stage": "eval", "output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path)}, "data": {"test": "builtin:pydoc/test"}, "metrics": ["perplexity"]})
+    result = CliRunner().invoke(app, ["data", "inspect", str(path)])
+    assert_clean_error(result, "finetune recipe", "pretrain recipe", "this is an eval recipe")

@@ -3,6 +3,7 @@
     llmkit data prepare pretrain/tiny                 # fills the tokenization cache (multi-GPU runs then only read it)
     llmkit data prepare finetune/tiny-summarization
     llmkit data inspect finetune/lora-instruction -n 2    # trained tokens [[in brackets]] (green in a terminal)
+    llmkit data inspect pretrain/tiny -n 2                # the first packed blocks, document ends marked
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 
 from llmkit import models, prompts
 from llmkit.data import sft
-from llmkit.data.lm import lm_train_data, open_cache, prepare_cache
+from llmkit.data import sources
+from llmkit.data.lm import DocumentEncoder, check_lm_data, lm_train_data, open_cache, prepare_cache
+from llmkit.data.mixture import mixture_of
 from llmkit.data.packing import IGNORE_INDEX, PackedBlocks
+from llmkit.data.splits import held_out
 from llmkit.errors import RecipeError
 from llmkit.recipes import FinetuneRecipe, PretrainRecipe
 from llmkit.stages import finetune
@@ -84,8 +88,15 @@ def render_mask(tokenizer, example: dict, colour: bool) -> str:
     return "".join(out)
 
 
-def inspect(recipe: FinetuneRecipe, num_examples: int = 3) -> None:
-    """`llmkit data inspect RECIPE`: print formatted examples with trained and masked tokens told apart."""
+def inspect(recipe, num_examples: int = 3) -> None:
+    """`llmkit data inspect RECIPE`: a fine-tune's examples with their loss masks, or a pretrain recipe's packed blocks."""
+    if isinstance(recipe, PretrainRecipe):
+        return inspect_blocks(recipe, num_examples)
+    if not isinstance(recipe, FinetuneRecipe):
+        raise RecipeError(
+            f"llmkit data inspect: shows the training examples of a finetune recipe (with their loss masks) or the packed "
+            f"blocks of a pretrain recipe; this is {'an' if recipe.stage[0] in 'aeiou' else 'a'} {recipe.stage} recipe"
+        )
     finetune.check(recipe)
     tokenizer = finetune.load_tokenizer(recipe)
     records = sft.load_located_records(
@@ -118,3 +129,69 @@ def inspect(recipe: FinetuneRecipe, num_examples: int = 3) -> None:
             note = f", prompt truncated by {cut} tokens" if cut else ""
             print(f"[{len(example['input_ids'])} tokens, {trained} trained{note}]")
             print(render_mask(tokenizer, example, colour))
+
+
+def first_blocks(recipe: PretrainRecipe, tokenizer, train, num_blocks: int) -> list[list[int]]:
+    """The first `num_blocks` blocks of data.seq_len tokens that the cache would pack from `train`.
+
+    Documents are read in order, each ending with EOS, with the documents that data.validation_fraction
+    holds out skipped, exactly as llmkit/data/lm.py `_build` writes the cache; only as many are
+    tokenized as the blocks need, so a large corpus is not read to the end.
+    """
+    data = recipe.data
+    held = data.validation_fraction if not data.validation else 0.0
+    encoder = DocumentEncoder(tokenizer)
+    wanted = num_blocks * data.seq_len
+    tokens: list[int] = []
+    texts = sources.iter_texts(train, text_field=data.text_field, max_samples=data.max_samples, encoding_errors=data.encoding_errors)
+    for index, text in enumerate(texts):
+        if held and held_out(index, held):
+            continue
+        tokens.extend(encoder.encode([text])[0])
+        if len(tokens) >= wanted:
+            break
+    full = len(tokens) // data.seq_len  # a final partial block is dropped in training too
+    return [tokens[i * data.seq_len : (i + 1) * data.seq_len] for i in range(min(full, num_blocks))]
+
+
+def render_block(tokenizer, ids: list[int], colour: bool) -> str:
+    """A block's text with each document end (EOS) marked: bold in a terminal, ||EOS|| otherwise."""
+    out: list[str] = []
+    start = 0
+    for end, token in enumerate(ids):
+        if token == tokenizer.eos_token_id:
+            out.append(tokenizer.decode(ids[start:end], skip_special_tokens=False))
+            eos = tokenizer.decode([token], skip_special_tokens=False)
+            out.append(f"\x1b[1;33m{eos}\x1b[0m\n" if colour else f"||{eos}||\n")
+            start = end + 1
+    out.append(tokenizer.decode(ids[start:], skip_special_tokens=False))
+    return "".join(out)
+
+
+def inspect_blocks(recipe: PretrainRecipe, num_blocks: int = 3) -> None:
+    """`llmkit data inspect PRETRAIN-RECIPE`: print the first packed training blocks, document ends marked."""
+    check_lm_data(recipe)
+    tokenizer = models.load_tokenizer(recipe.tokenizer)
+    data = recipe.data
+    if data.is_mixture:
+        mixture = mixture_of(data)
+        parts = list(zip(mixture.labels, mixture.sources, strict=True))
+    else:
+        parts = [(None, data.train)]
+    colour = _use_colour()
+    attention = {
+        "none": "attention crosses document ends (data.doc_masking: none)",
+        "position_ids": "positions restart after each document end (data.doc_masking: position_ids)",
+        "attention": "each document attends only to itself (data.doc_masking: attention)",
+    }[data.doc_masking]
+    print(f"pretraining blocks of data.seq_len {data.seq_len} tokens; documents end at EOS, marked "
+          + ("in yellow" if colour else "||like this||") + f"; {attention}; every token is trained")
+    for label, train in parts:
+        blocks = first_blocks(recipe, tokenizer, train, num_blocks)
+        name = f"source {label!r}" if label is not None else "data.train"
+        if not blocks:
+            print(f"\n--- {name}: fewer than {data.seq_len} tokens before the end of the corpus; no full block")
+        for i, block in enumerate(blocks):
+            ends = sum(1 for t in block if t == tokenizer.eos_token_id)
+            print(f"\n--- {name}, block {i} [{len(block)} tokens, {ends} document end{'s' if ends != 1 else ''}]")
+            print(render_block(tokenizer, block, colour))
