@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -628,6 +630,20 @@ def build_model(recipe, tokenizer):
     return model
 
 
+@contextmanager
+def quiet_peft_wrap():
+    """Wrap a model in peft without transformers' FutureWarning about a deprecated property peft reads.
+
+    peft 0.21 `PeftModel.__init__` (peft_model.py) reads `model.is_gradient_checkpointing`, which
+    transformers 5 deprecates ("`is_gradient_checkpointing` is deprecated and will be removed in v6")
+    in favour of `is_activation_checkpointing`: every LoRA run and every adapter load printed it,
+    and the user can do nothing about it. Only that one message is silenced, only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model, recipe):
     """Wrap the model with peft LoRA adapters (initialised from train.seed); only adapter weights keep requires_grad."""
     import torch
@@ -643,7 +659,8 @@ def apply_lora(model, recipe):
     # the same adapters every time (fit's set_seed comes later, for dropout).
     torch.manual_seed(recipe.train.seed)
     try:
-        return get_peft_model(model, config)
+        with quiet_peft_wrap():
+            return get_peft_model(model, config)
     except ValueError as exc:
         raise RecipeError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
 
@@ -679,7 +696,8 @@ def load_model(
         if is_adapter:
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs).merge_and_unload()
+            with quiet_peft_wrap():
+                model = AutoPeftModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs).merge_and_unload()
         else:
             model, info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, output_loading_info=True, **kwargs)
             check_loading_info(info, path, where)

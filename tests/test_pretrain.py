@@ -166,6 +166,18 @@ def test_rerunning_a_finished_run_with_more_steps_continues_it(tmp_path, tokeniz
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["train"]["max_steps"] == 12
 
 
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, tokenizer_dir, corpus):
+    # Report 2026-12-06: the rerun wrote summary.json again with train_loss null.
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"max_steps": 4})
+    first = run_in_process(recipe)
+    last_logged = read_events(recipe["output_dir"], "train")[-1]["loss"]
+    assert first["train_loss"] == pytest.approx(last_logged, abs=1e-6)
+    again = run_in_process(recipe)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert again["train_loss"] == saved["train_loss"] == first["train_loss"]
+    assert saved["val_loss"] == first["val_loss"] and saved["step"] == 4
+
+
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, tokenizer_dir, corpus):
     recipe = recipe_dict(tmp_path, tokenizer_dir, corpus[0], train={"lr": 1e6, "grad_clip": None, "warmup_steps": 0, "save_every": 2})
     from llmkit.errors import TrainingError

@@ -80,6 +80,9 @@ class TrainState:
     stream_position: dict | None = None
     val_loss: float | None = None
     val_ppl: float | None = None
+    # The last logged training loss: kept in the checkpoint so that a run resumed (or a finished run
+    # rerun) after its last log line still reports it in summary.json.
+    train_loss: float | None = None
     max_steps: int | None = None  # the schedule's length when the checkpoint was written (None: older checkpoints)
 
     @classmethod
@@ -500,7 +503,6 @@ def _save(run: Run) -> Path:
 def _train(run: Run, data: TrainData, extra_eval: ExtraEval | None) -> dict[str, Any]:
     """Phases 2a-2d, once per optimizer step until max_steps; returns what the summary needs."""
     cfg, state = run.cfg, run.state
-    train_loss = None
     last_saved = state.step if run.resume_from is not None else None
     window = Window()
     bar = progress_bar(run.accelerator, run.max_steps, state.step)
@@ -520,7 +522,7 @@ def _train(run: Run, data: TrainData, extra_eval: ExtraEval | None) -> dict[str,
 
             # 2b. Log.
             if state.step % cfg.log_every == 0 or last:
-                train_loss = _log_train(run, window, result, bar)
+                state.train_loss = _log_train(run, window, result, bar)
                 window = Window()
 
             # 2c. Evaluate (not counted in the training throughput).
@@ -544,7 +546,7 @@ def _train(run: Run, data: TrainData, extra_eval: ExtraEval | None) -> dict[str,
     bar.close()
     if last_saved != state.step:
         _save(run)
-    return {"train_loss": train_loss}
+    return {"train_loss": state.train_loss}
 
 
 # ----------------------------------------------------------------------------------------------
