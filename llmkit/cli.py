@@ -21,16 +21,25 @@ import typer
 
 from llmkit import __version__, dist, rundir
 from llmkit.commands import COMMANDS
+from llmkit.commands import command as find_command
 from llmkit.errors import Interrupted, LlmkitError, disk_error
 from llmkit.recipes import bundled_dir, bundled_names, load_recipe, resolve_recipe_path, schema_reference, with_schema_reference
+from llmkit.training.hardware import choose_threads
 
 # Command -> the module in llmkit/stages/ whose function it calls; the table itself is llmkit/commands.py.
 STAGES = {c.name: c.module for c in COMMANDS if c.module}
 
 
 def stage(command: str):
-    """The stage module behind `command` (imported now: it pulls in torch and transformers)."""
-    return importlib.import_module(f"llmkit.stages.{STAGES[command]}")
+    """The stage module behind `command` (imported now: it pulls in torch and transformers).
+
+    A command that runs models first chooses its threads, the same way for every one of them; its
+    header says what it chose.
+    """
+    module = importlib.import_module(f"llmkit.stages.{STAGES[command]}")
+    if find_command(command).computes:
+        choose_threads()
+    return module
 
 app = typer.Typer(
     name="llmkit",

@@ -26,20 +26,22 @@ class Command:
     """The one function of that module the command calls."""
     runs: str | None = None
     """The recipe kind (`stage:` in a recipe) this command runs; each kind has exactly one such command."""
+    computes: bool = False
+    """Whether it runs torch models (cli.py then chooses its threads: training/hardware.py `choose_threads`)."""
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("tokenizer train", "tokenizer", "run", runs="tokenizer"),
-    Command("pretrain", "pretrain", "run", runs="pretrain"),
-    Command("finetune", "finetune", "run", runs="finetune"),
-    Command("eval", "evaluate", "run", runs="eval"),
-    Command("generate", "generate", "run"),
+    Command("pretrain", "pretrain", "run", computes=True, runs="pretrain"),
+    Command("finetune", "finetune", "run", computes=True, runs="finetune"),
+    Command("eval", "evaluate", "run", computes=True, runs="eval"),
+    Command("generate", "generate", "run", computes=True),
     Command("validate", "validate", "run"),
-    Command("quickstart", "quickstart", "run"),
+    Command("quickstart", "quickstart", "run", computes=True),
     Command("plot", "plot", "run"),
     Command("data prepare", "data", "prepare"),
     Command("data inspect", "data", "inspect"),
-    Command("scale sweep", "scale", "sweep", runs="scale"),
+    Command("scale sweep", "scale", "sweep", computes=True, runs="scale"),
     Command("scale fit", "scale", "fit"),
     Command("scale recommend", "scale", "recommend"),
     Command("recipes list", None, None),

@@ -404,28 +404,55 @@ def test_the_budget_rule_lives_in_the_schema():
         recipe_from_dict(raw)
 
 
-def test_the_quickstart_trains_with_the_cores_other_jobs_leave_free(monkeypatch):
+def test_every_computing_command_chooses_threads_the_same_way(monkeypatch):
+    # Report 2026-12-06 section 8: only the quickstart adapted to a busy machine; now every command that runs models does.
     import os
 
     import torch
 
-    from llmkit.stages import quickstart
+    from llmkit.commands import COMMANDS
+    from llmkit.training import hardware
 
+    assert {c.name for c in COMMANDS if c.computes} == {"pretrain", "finetune", "eval", "generate", "quickstart", "scale sweep"}
     threads = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr(quickstart, "_busy_cores", lambda cores: 0.3)  # an idle machine: one thread per core
-        assert quickstart.busy_machine_threads() is None and torch.get_num_threads() == 2
-        monkeypatch.setattr(quickstart, "_busy_cores", lambda cores: 1.6)
-        line = quickstart.busy_machine_threads()
-        assert torch.get_num_threads() == 1 and "keep 1.6 of this machine's 2 cores busy" in line and "OMP_NUM_THREADS" in line
+        monkeypatch.setattr(hardware, "busy_cores", lambda cores: 0.3)  # an idle machine: one thread per core
+        assert hardware.choose_threads().startswith("2 per process (2 cores, 0.3 kept busy") and torch.get_num_threads() == 2
+        monkeypatch.setattr(hardware, "busy_cores", lambda cores: 1.6)
+        note = hardware.choose_threads()
+        assert torch.get_num_threads() == 1 and note.startswith("1 per process (2 cores, 1.6 kept busy") and "OMP_NUM_THREADS" in note
+        assert hardware.threads_note() == note
+        torch.set_num_threads(2)
+        monkeypatch.setattr(hardware, "busy_cores", lambda cores: 0.0)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of a launcher share the cores
+        assert "2 processes share them" in hardware.choose_threads() and torch.get_num_threads() == 1
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
-        assert quickstart.busy_machine_threads() is None and torch.get_num_threads() == 2
+        assert hardware.choose_threads() == "2 per process (OMP_NUM_THREADS=2)" and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_training_header_states_the_threads(tmp_path, monkeypatch, tokenizer_dir):
+    from pretrain_helpers import recipe_dict, write_corpus, write_recipe
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LLMKIT_PEAK_FLOPS", "1e11")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        recipe = recipe_dict(tmp_path, tokenizer_dir, write_corpus(tmp_path, docs=8), train={"max_steps": 2, "save_every": 2, "eval_every": 2})
+        result = run("pretrain", str(write_recipe(tmp_path / "pre.yaml", recipe)))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    assert "threads:          1 per process (OMP_NUM_THREADS=1)" in result.output
 
 
 def test_a_missing_run_that_a_bundled_recipe_writes_names_the_command(tmp_path, monkeypatch):
@@ -440,9 +467,9 @@ def test_a_missing_run_that_a_bundled_recipe_writes_names_the_command(tmp_path, 
 def test_busy_cores_are_measured_from_proc_stat(monkeypatch):
     import os
 
-    from llmkit.stages import quickstart
+    from llmkit.training import hardware
 
     if not os.path.exists("/proc/stat"):
         pytest.skip("no /proc/stat here")
-    busy = quickstart._busy_cores(2)
+    busy = hardware.busy_cores(2)
     assert 0.0 <= busy <= 2.0

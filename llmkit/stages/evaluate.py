@@ -34,6 +34,7 @@ from llmkit.evals.scoring import TaskRun, plan_tasks, prepare_tasks, progress_ba
 from llmkit.evals.suite import SUITE_PROTOCOL, suite_score
 from llmkit.models import check_causal, check_model_dir, checkpoint_config, load_model
 from llmkit.recipes import EvalRecipe, EvalTask, TaskSpec
+from llmkit.training.hardware import threads_note
 
 OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "comparison.md", "comparison.json", "recipe.yaml")
 
@@ -269,6 +270,9 @@ def _run(recipe: EvalRecipe, overwrite: bool) -> dict[str, Any]:
                 f"note: data.max_samples ({records['max_samples']:,}) caps the test set: scoring the first "
                 f"{records['scored']:,} of {of} records of {source_names(run.task.data.test)}; set data.max_samples=null to score them all"
             )
+
+    if threads_note():
+        log(f"threads: {threads_note()}")
 
     # 2. Score each checkpoint in turn (one model in memory at a time).
     results, all_rows = [], []

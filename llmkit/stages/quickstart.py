@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,60 +119,10 @@ def _rouge_line(eval_dir: Path) -> str:
     return f"fine-tuning took ROUGE-L from {base:.3f} (pretrained only) to {tuned:.3f}{scope}"
 
 
-def _busy_cores(cores: int) -> float:
-    """How many cores other processes keep busy now: /proc/stat over half a second (this process sleeps meanwhile).
-
-    Falls back to the 1-minute load average where /proc/stat does not exist; that one lags (a run
-    that has just finished still counts for a minute), so it is only the fallback.
-    """
-
-    def cpu_times() -> list[int]:
-        with open("/proc/stat", encoding="ascii") as f:
-            return [int(x) for x in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
-
-    try:
-        first = cpu_times()
-        time.sleep(0.5)
-        second = cpu_times()
-    except (OSError, ValueError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    total = sum(second) - sum(first)
-    idle = (second[3] + second[4]) - (first[3] + first[4])
-    return cores * (1 - idle / total) if total > 0 else 0.0
-
-
-def busy_machine_threads() -> str | None:
-    """Train with the cores other jobs leave free, not one thread per core (unless OMP_NUM_THREADS is set).
-
-    PyTorch runs one OpenMP thread per core. When other processes keep some cores busy, those
-    threads mostly wait for each other at the end of every matmul: a training step of the tiny
-    llama took 2.5-3x longer with 2 threads than with 1 at load average 2-3 on 2 cores, 4-5x at
-    load 8. So the quickstart uses round(cores - busy cores) threads, at least one; on an idle
-    machine nothing changes. Returns the line that says so, or None when nothing was changed.
-    """
-    cores = os.cpu_count() or 1
-    if os.environ.get("OMP_NUM_THREADS") or cores < 2:
-        return None
-    import torch
-
-    busy = _busy_cores(cores)
-    threads = max(1, round(cores - busy))
-    if threads >= torch.get_num_threads():
-        return None
-    torch.set_num_threads(threads)
-    return (
-        f"[quickstart] other jobs keep {busy:.1f} of this machine's {cores} cores busy: training with "
-        f"{threads} thread{'s' if threads > 1 else ''} (OMP_NUM_THREADS sets it)"
-    )
-
-
 def run(output_dir: Path, fast: bool = False) -> None:
     """Run every stage on built-in data, then print where everything is and a results table."""
     root = Path(output_dir)
     start = time.perf_counter()
-    note = busy_machine_threads()
-    if note:
-        typer.echo(note)
     for stage in STAGES:
         _run_stage(stage, root, fast)
     plot.run([root / "pretrain", root / "finetune"], root / "curves.png")

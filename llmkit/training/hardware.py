@@ -1,4 +1,4 @@
-"""Precision and the FLOP/s peak that MFU is measured against.
+"""Threads, precision and the FLOP/s peak that MFU is measured against.
 
     LLMKIT_PEAK_FLOPS=989e12 llmkit pretrain pretrain/gpt2-124m    # a peak of your own choosing
 
@@ -6,6 +6,9 @@ MFU = achieved model FLOP/s / peak FLOP/s. The peak, in this order: LLMKIT_PEAK_
 GPU in bf16/fp16, its datasheet dense tensor-core number; otherwise a matmul probe on the device
 (the best of several repeats of two sizes). The training log says which one it used, and
 summary.json records it (peak_flops, peak_source).
+
+Threads: `choose_threads` (called by cli.py for every command that computes) runs torch with the
+cores other jobs leave free, unless OMP_NUM_THREADS says otherwise, and says what it chose.
 
 MFU in metrics.jsonl never reads above 1.0 (training/loop.py `_log_train`). A probe is only a lower
 bound of the peak (a busy machine reads low), so when training outruns it the probe is raised to
@@ -36,6 +39,67 @@ DATASHEET_BF16 = {
     "A10G": 125e12,
     "A10": 125e12,
 }
+
+
+def busy_cores(cores: int) -> float:
+    """How many cores other processes keep busy now: /proc/stat over half a second (this process sleeps meanwhile).
+
+    Falls back to the 1-minute load average where /proc/stat does not exist; that one lags (a run
+    that has just finished still counts for a minute), so it is only the fallback.
+    """
+
+    def cpu_times() -> list[int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            return [int(x) for x in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
+
+    try:
+        first = cpu_times()
+        time.sleep(0.5)
+        second = cpu_times()
+    except (OSError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total = sum(second) - sum(first)
+    idle = (second[3] + second[4]) - (first[3] + first[4])
+    return cores * (1 - idle / total) if total > 0 else 0.0
+
+
+_THREADS_NOTE: str | None = None
+
+
+def threads_note() -> str | None:
+    """What `choose_threads` chose and why, for a stage's header; None when the command did not choose."""
+    return _THREADS_NOTE
+
+
+def choose_threads() -> str:
+    """Set torch's threads for this process and return the note that says why: the user's OMP_NUM_THREADS, else the free cores.
+
+    The note is kept for the stage's header (`threads_note`) rather than printed here, so that a bad
+    recipe still fails with its one error line.
+
+    PyTorch runs one OpenMP thread per core. When other processes keep some cores busy, those
+    threads mostly wait for each other at the end of every matmul: a training step of the tiny
+    llama took 2.5-3x longer with 2 threads than with 1 at load average 2-3 on 2 cores, 4-5x at
+    load 8, and a pretrain ran at 790 tokens/s with 1 thread against 210-330 with 2 at load 11-13.
+    So a command uses round(cores - busy cores) threads, at least one, shared among the processes a
+    launcher started on this machine (LOCAL_WORLD_SIZE); on an idle machine nothing changes.
+    """
+    import torch
+
+    global _THREADS_NOTE
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given:
+        _THREADS_NOTE = f"{torch.get_num_threads()} per process (OMP_NUM_THREADS={given})"
+        return _THREADS_NOTE
+    cores = os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    busy = busy_cores(cores) if cores > 1 else 0.0
+    threads = max(1, round((cores - busy) / local_processes))
+    threads = min(threads, torch.get_num_threads())  # never more than torch's own default
+    torch.set_num_threads(threads)
+    share = f", {local_processes} processes share them" if local_processes > 1 else ""
+    _THREADS_NOTE = f"{threads} per process ({cores} cores, {busy:.1f} kept busy by other jobs{share}; OMP_NUM_THREADS sets it)"
+    return _THREADS_NOTE
 
 
 @dataclass

@@ -48,7 +48,7 @@ from llmkit.models import (
 )
 from llmkit.recipes import check_wsd
 from llmkit.training import checkpoints, parallelism, startup
-from llmkit.training.hardware import Peak, peak_flops, resolve_mixed_precision
+from llmkit.training.hardware import Peak, peak_flops, resolve_mixed_precision, threads_note
 from llmkit.training.log import MetricsLog, available_trackers, flat_config, progress_bar
 from llmkit.training.loss import evaluate_loss_by_part, make_sum_nll, scored_and_input_tokens
 from llmkit.training.microbatches import MicroBatches, to_device
@@ -372,6 +372,8 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
         accelerator.print(f"data:             {data.description}")
         accelerator.print(f"optimizer:        {optimizer_line}")
         accelerator.print(f"precision:        {mixed_precision}; {peak.description}")
+        if threads_note():
+            accelerator.print(f"threads:          {threads_note()}")
     return Run(
         recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
         batches=batches, log=log, sum_nll=make_sum_nll(accelerator, model, cfg), max_steps=max_steps,
