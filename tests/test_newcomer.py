@@ -473,3 +473,28 @@ def test_busy_cores_are_measured_from_proc_stat(monkeypatch):
         pytest.skip("no /proc/stat here")
     busy = hardware.busy_cores(2)
     assert 0.0 <= busy <= 2.0
+
+
+def test_the_rouge_line_says_when_the_base_outputs_are_empty_or_the_tuned_ones_near_constant(tmp_path):
+    # Report 2026-12-06 section 8: the ROUGE jump compared an all-empty base output with near-constant summaries.
+    from llmkit.stages.quickstart import _rouge_line
+
+    protocol = {"test_records": {"scored": 4, "available": 10, "max_samples": 4}}
+    metrics = {"models": [
+        {"model": str(tmp_path / "pretrain"), "metrics": {"rougeL": 0.0}, "protocol": protocol},
+        {"model": str(tmp_path / "finetune"), "metrics": {"rougeL": 0.21}, "protocol": protocol},
+    ]}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+
+    def predictions(base: list[str], tuned: list[str]) -> None:
+        rows = [{"model": str(tmp_path / "pretrain"), "prediction": p} for p in base]
+        rows += [{"model": str(tmp_path / "finetune"), "prediction": p} for p in tuned]
+        (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    predictions(["", " ", "", ""], ["Return the path.", "Return the path.", "Return the path.", "Open a file."])
+    line = _rouge_line(tmp_path)
+    assert line.startswith("fine-tuning took ROUGE-L from 0.000 (pretrained only) to 0.210 (first 4 of 10 test records)")
+    assert "all 4 outputs of the pretrained model were empty" in line
+    assert "2 distinct summaries for 4 documents" in line
+    predictions(["The", "", "a b", "c"], ["Return the path.", "Open a file.", "Close it.", "Read bytes."])
+    assert "\n" not in _rouge_line(tmp_path)  # honest outputs on both sides: the plain line

@@ -251,6 +251,26 @@ def test_mfu_against_a_low_probe_is_clamped_to_one(tmp_path, tokenizer_dir, corp
     assert summary["peak_flops"] > 1.0 and "(measured matmul peak on cpu, float32)" in capsys.readouterr().out
 
 
+def test_mfu_on_a_cpu_is_unknown_not_a_clamped_number(tmp_path, tokenizer_dir, corpus, monkeypatch, capsys):
+    # Report 2026-12-06 section 8: a CPU probe read too low and MFU sat at the 100% clamp.
+    import torch
+
+    from llmkit.training.hardware import peak_flops
+
+    monkeypatch.delenv("LLMKIT_PEAK_FLOPS", raising=False)
+    peak = peak_flops(torch.device("cpu"), "no")
+    assert peak.flops is None and peak.kind == "unknown" and "LLMKIT_PEAK_FLOPS" in peak.description
+    from llmkit.training import loop
+
+    monkeypatch.setattr(loop, "peak_flops", lambda device, precision: peak)
+    summary = run_in_process(_short(tmp_path, tokenizer_dir, corpus, "cpu"))
+    events = read_events(tmp_path / "cpu", "train")
+    assert events and all(e["mfu"] is None and e["tokens_per_s"] > 0 for e in events)
+    out = capsys.readouterr()
+    assert "MFU not reported (no known peak on a CPU" in out.out and "above the peak" not in out.out + out.err
+    assert summary["peak_flops"] is None
+
+
 def test_malformed_peak_flops_is_bad_input_and_writes_nothing(tmp_path, tokenizer_dir, corpus, monkeypatch):
     monkeypatch.setenv("LLMKIT_PEAK_FLOPS", "989 TFLOPS")
     with pytest.raises(RecipeError, match=r"LLMKIT_PEAK_FLOPS='989 TFLOPS': not a positive number of FLOP/s; write it like 989e12"):

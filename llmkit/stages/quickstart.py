@@ -84,15 +84,32 @@ def _run_stage(stage: Stage, root: Path, fast: bool) -> None:
     typer.echo(f"[{stage.name}] done in {time.perf_counter() - start:.0f} s")
 
 
-def _samples(root: Path, count: int = 3) -> list[tuple[str, str, str]]:
-    """Summaries of a few test documents by the fine-tuned model: (document, reference, generated)."""
-    model_dir = root / "finetune"
-    recipe = load_recipe(model_dir / "recipe.yaml", stage="finetune")
-    model, tok = load_model(str(model_dir), device="cpu")
+def _samples(root: Path, count: int = 3) -> list[dict[str, str]]:
+    """A few test documents summarized by the pretrained and the fine-tuned model, from the same prompt.
+
+    Each is {"document", "reference", "base", "finetuned"}: the base model's output shows what
+    fine-tuning changed (the README promises both).
+    """
+    recipe = load_recipe(root / "finetune" / "recipe.yaml", stage="finetune")
     records = list(itertools.islice(iter_records(["builtin:docsum/test"]), count))
-    prompts = [format_record(recipe.task, r, tok).prompt for r in records]
-    outputs = generate_texts(model, tok, prompts, GenerationSpec(max_new_tokens=32), batch_size=count)
-    return [(r["document"], r["summary"], out.strip()) for r, out in zip(records, outputs, strict=True)]
+    samples = [{"document": r["document"], "reference": r["summary"]} for r in records]
+    for key, name in (("base", "pretrain"), ("finetuned", "finetune")):
+        model, tok = load_model(str(root / name), device="cpu")
+        prompts = [format_record(recipe.task, r, tok).prompt for r in records]
+        outputs = generate_texts(model, tok, prompts, GenerationSpec(max_new_tokens=32), batch_size=count)
+        for sample, out in zip(samples, outputs, strict=True):
+            sample[key] = out.strip()
+    return samples
+
+
+def _write_samples(path: Path, samples: list[dict[str, str]]) -> None:
+    """samples.md: each document with its reference, the pretrained model's output and the fine-tuned one's."""
+    with path.open("w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(
+                f"## document\n{s['document'][:500]}\n\n**reference:** {s['reference']}\n\n"
+                f"**pretrained only:** {s['base'] or '(empty)'}\n\n**fine-tuned:** {s['finetuned'] or '(empty)'}\n\n"
+            )
 
 
 def _results_table(eval_dir: Path) -> str:
@@ -108,7 +125,13 @@ def _results_table(eval_dir: Path) -> str:
 
 
 def _rouge_line(eval_dir: Path) -> str:
-    """What fine-tuning did to ROUGE-L, on how many of the test records (eval/tiny caps them)."""
+    """What fine-tuning did to ROUGE-L, on how many test records, and what the two outputs were like.
+
+    A tiny pretrained model asked to summarize mostly ends at once: ROUGE-L 0 then measures no
+    output at all, not a poor summary, and a fine-tuned model that writes one near-constant summary
+    for every document still scores above it. The line says so when the predictions show it, so the
+    jump is not read as more learning than it is.
+    """
     report = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     rows = {Path(str(row["model"])).name: row for row in report.get("models", [])}
     if not {"pretrain", "finetune"} <= set(rows):
@@ -116,7 +139,23 @@ def _rouge_line(eval_dir: Path) -> str:
     base, tuned = (rows[name]["metrics"].get("rougeL", float("nan")) for name in ("pretrain", "finetune"))
     records = rows["finetune"]["protocol"].get("test_records")
     scope = f" (first {records['scored']} of {records['available'] or 'more'} test records)" if records else ""
-    return f"fine-tuning took ROUGE-L from {base:.3f} (pretrained only) to {tuned:.3f}{scope}"
+    line = f"fine-tuning took ROUGE-L from {base:.3f} (pretrained only) to {tuned:.3f}{scope}"
+    predictions: dict[str, list[str]] = {"pretrain": [], "finetune": []}
+    path = eval_dir / "predictions.jsonl"
+    if path.is_file():
+        for text in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(text)
+            name = Path(str(row.get("model", ""))).name
+            if name in predictions:
+                predictions[name].append(str(row.get("prediction", "")).strip())
+    base_out, tuned_out = predictions["pretrain"], predictions["finetune"]
+    if base_out and not any(base_out):
+        line += (f"\n  note: all {len(base_out)} outputs of the pretrained model were empty, so its score measures no "
+                 "output at all rather than a worse summary")
+    if tuned_out and len(set(tuned_out)) <= len(tuned_out) // 2:
+        line += (f"\n  note: the fine-tuned model gave {len(set(tuned_out))} distinct summaries for {len(tuned_out)} documents: "
+                 "it learned the format and common words more than each document (see samples.md)")
+    return line
 
 
 def run(output_dir: Path, fast: bool = False) -> None:
@@ -127,9 +166,7 @@ def run(output_dir: Path, fast: bool = False) -> None:
         _run_stage(stage, root, fast)
     plot.run([root / "pretrain", root / "finetune"], root / "curves.png")
     samples = _samples(root)
-    with (root / "samples.md").open("w", encoding="utf-8") as f:
-        for document, reference, generated in samples:
-            f.write(f"## document\n{document[:500]}\n\n**reference:** {reference}\n\n**generated:** {generated}\n\n")
+    _write_samples(root / "samples.md", samples)
 
     typer.echo(f"\nquickstart finished in {time.perf_counter() - start:.0f} s. Everything is under {root}/:")
     for label, path in [
@@ -143,11 +180,12 @@ def run(output_dir: Path, fast: bool = False) -> None:
         typer.echo(f"  {label:<18} {path}")
     typer.echo("\n" + _results_table(root / "eval"))
     typer.echo(_rouge_line(root / "eval"))
-    typer.echo("\nA fine-tuned summary:")
-    document, reference, generated = samples[0]
-    typer.echo(f"  document:  {' '.join(document.split())[:160]}...")
-    typer.echo(f"  reference: {reference}")
-    typer.echo(f"  generated: {generated}")
+    typer.echo("\nA summary, before and after fine-tuning:")
+    first = samples[0]
+    typer.echo(f"  document:        {' '.join(first['document'].split())[:160]}...")
+    typer.echo(f"  reference:       {first['reference']}")
+    typer.echo(f"  pretrained only: {first['base'] or '(empty)'}")
+    typer.echo(f"  fine-tuned:      {first['finetuned'] or '(empty)'}")
     typer.echo(
         f"\nNext: llmkit generate {root / 'finetune'} --file any-document.txt   (summarizes it, through the fine-tune's "
         f"prompt template)  |  llmkit plot {root / 'pretrain'} {root / 'finetune'}"

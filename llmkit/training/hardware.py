@@ -3,8 +3,10 @@
     LLMKIT_PEAK_FLOPS=989e12 llmkit pretrain pretrain/gpt2-124m    # a peak of your own choosing
 
 MFU = achieved model FLOP/s / peak FLOP/s. The peak, in this order: LLMKIT_PEAK_FLOPS; for a known
-GPU in bf16/fp16, its datasheet dense tensor-core number; otherwise a matmul probe on the device
-(the best of several repeats of two sizes). The training log says which one it used, and
+GPU in bf16/fp16, its datasheet dense tensor-core number; on a CPU, none: MFU is not reported (null);
+otherwise a matmul probe on the GPU (the best of several repeats). A CPU probe was tried and
+dropped: on a machine shared with other jobs it read 0.07 TFLOP/s while training reached more, so
+MFU sat at its 100% clamp for most of a run; a wrong number is worse than none. The training log says which one it used, and
 summary.json records it (peak_flops, peak_source).
 
 Threads: `choose_threads` (called by cli.py for every command that computes) runs torch with the
@@ -106,14 +108,17 @@ def choose_threads() -> str:
 class Peak:
     """A peak FLOP/s and where it came from, for the log."""
 
-    flops: float
+    flops: float | None
+    """None: no peak is known (a CPU), and MFU is not reported."""
     source: str
     kind: str = "probe"
-    """"env" (LLMKIT_PEAK_FLOPS), "datasheet" or "probe"; only a probe is raised to what training reaches."""
+    """"env" (LLMKIT_PEAK_FLOPS), "datasheet", "probe" or "unknown"; only a probe is raised to what training reaches."""
 
     @property
     def description(self) -> str:
         """One line for the training log."""
+        if self.flops is None:
+            return f"MFU not reported ({self.source})"
         return f"MFU against {self.flops / 1e12:.3g} TFLOP/s ({self.source})"
 
 
@@ -177,5 +182,7 @@ def peak_flops(device, mixed_precision: str) -> Peak:
         sheet = datasheet_peak(name)
         if sheet is not None:
             return Peak(sheet, f"{name} datasheet, dense {mixed_precision}", "datasheet")
+    if device.type == "cpu":
+        return Peak(None, "no known peak on a CPU; set LLMKIT_PEAK_FLOPS to your CPU's FLOP/s to get it", "unknown")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     return Peak(probe_peak_flops(device, dtype), f"measured matmul peak on {device}, {str(dtype).removeprefix('torch.')}")

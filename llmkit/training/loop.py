@@ -452,8 +452,8 @@ def _log_train(run: Run, window: Window, result: StepResult, bar) -> float:
         # A probe taken on a busy machine can underestimate the peak; what training reached is a
         # lower bound of it, so MFU never reads above 100%.
         peak.flops = max(peak.flops, achieved)
-    mfu: float | None = achieved / peak.flops
-    if mfu > 1.0:
+    mfu: float | None = None if peak.flops is None else achieved / peak.flops
+    if mfu is not None and mfu > 1.0:
         # A peak the user gave (or a datasheet's) is respected, never raised; but no MFU above 100%
         # is written: it says, once, that the peak is wrong.
         if not run.warned_peak:
