@@ -276,9 +276,6 @@ def _check_config(recipe, config) -> None:
             f"data.seq_len ({seq_len}) is larger than the model's max positions ({limit}); "
             f"lower data.seq_len or raise model.max_position_embeddings"
         )
-    task_eval = getattr(recipe, "task_eval", None)
-    if task_eval is not None and task_eval.samples > 0:  # the task metric generates after each evaluation
-        check_new_tokens(task_eval.max_new_tokens, config, "task_eval.max_new_tokens", "the model")
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
