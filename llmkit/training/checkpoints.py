@@ -309,7 +309,7 @@ def read_trainer_state(path: Path) -> dict:
             raise _corrupt(file, f"no {key!r}")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _corrupt(file, f"{key!r} must be a non-negative integer, got {value!r}")
-    for key in ("val_loss", "val_ppl"):
+    for key in ("val_loss", "val_ppl", "train_loss"):
         value = state.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise _corrupt(file, f"{key!r} must be a number or null, got {value!r}")
