@@ -195,6 +195,7 @@ NOT_RUN = {
     "multi_gpu.yaml": "a GPU launch config",
     "--num_processes 2": "a two-process launch (tests/test_distributed.py runs those)",
     "llmkit quickstart": "tests/test_quickstart.py runs it (slow)",
+    "llmkit pretrain runs/optimal.yaml": "trains the recommended model for the steps `scale recommend` printed; tests/test_scale.py checks the written recipe (shape, budget)",
     "pretrain/llama-1b": "a 1.1B model: a multi-GPU run",
 }
 """Substrings of commands that the slow test does not run, with the reason; their llmkit part is validated all the same."""
