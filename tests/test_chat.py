@@ -399,3 +399,61 @@ def test_bad_chat_input_is_one_line_and_exit_2(tmp_path, chat_model_dir, records
     for command in (["data", "inspect", str(path)], ["finetune", str(path)]):
         assert_clean_error(runner.invoke(app, command), *fragments)
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt a run was trained with, read one way; the built-in chat corpus
+# ----------------------------------------------------------------------------------------------
+
+
+def write_run(path: Path, task: dict) -> Path:
+    from llmkit.recipes import recipe_to_yaml
+
+    path.mkdir(parents=True)
+    recipe = recipe_from_dict(
+        {"stage": "finetune", "output_dir": str(path), "model": {"path": "m"}, "task": task,
+         "data": {"train": "t.jsonl"}, "train": {"max_steps": 1}}
+    )
+    (path / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    return path
+
+
+def test_run_prompt_reads_how_each_run_was_trained(tmp_path, chat_tokenizer, tiny_model_dir):
+    system = "Answer in one line."
+    chat = run_prompt(write_run(tmp_path / "chat", {"type": "instruction", "record_format": "chat", "system_prompt": system}))
+    expected = chat_tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert chat.kind == "chat" and chat.prompt_ids(chat_tokenizer, "hi") == expected
+    summary = run_prompt(write_run(tmp_path / "sum", {"type": "summarization"}))
+    assert summary.kind == "template" and "Summarize the following text" in summary.describe()
+    ids = summary.prompt_ids(chat_tokenizer, "A doc.")
+    assert chat_tokenizer.decode(ids, skip_special_tokens=True) == "Summarize the following text.\n\nA doc.\n\nSummary:\n"
+    assert run_prompt(write_run(tmp_path / "text", {"type": "text"})).kind == "raw"
+    raw = run_prompt(tiny_model_dir)  # a plain model directory: no recipe.yaml
+    assert raw.kind == "raw" and "no recipe.yaml" in raw.reason
+    assert raw.prompt_ids(chat_tokenizer, "hi") == chat_tokenizer("hi")["input_ids"]
+
+
+def test_system_prompt_opens_every_conversation_without_one(chat_tokenizer):
+    r = unit_recipe({"system_prompt": "Be kind."})
+    [opened], _ = tokenize_record(r, {"messages": MULTI_TURN[1:]}, chat_tokenizer)
+    [own], _ = tokenize_record(r, {"messages": MULTI_TURN}, chat_tokenizer)
+    assert "<|im_start|>system\nBe kind.<|im_end|>" in chat_tokenizer.decode(opened["input_ids"])
+    assert "Be kind." not in chat_tokenizer.decode(own["input_ids"]) and "Be brief." in chat_tokenizer.decode(own["input_ids"])
+
+
+def test_builtin_docchat_is_valid_chat_data_with_tool_calls(chat_tokenizer):
+    from llmkit.data.sources import iter_located_records
+
+    records = list(iter_located_records(["builtin:docchat/validation"], max_samples=12))
+    r = unit_recipe(seq_len=1024)
+    with_tools = 0
+    for where, record in records:
+        [example], _ = tokenize_record(r, record, chat_tokenizer, where)
+        text = chat_tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+        assert text.count("<|im_end|>") == 2, (where, text)  # two assistant replies trained
+        if "tools" in record:
+            with_tools += 1
+            assert '"name": "lookup_docs"' in text
+    assert 0 < with_tools < len(records)

@@ -12,6 +12,9 @@
 - `builtin:arithmetic[/SPLIT]`: small arithmetic word problems in GSM8K's layout, {"id", "question",
   "answer" (the worked steps, then "#### N")}, generated from a seed, for metrics [generative]
   (see `arithmetic_records`).
+- `builtin:docchat[/SPLIT]`: the same docstrings as chat records {"id", "messages"[, "tools"]}: two-turn
+  conversations, and (every other record) a `lookup_docs` tool call answered by a tool message, for
+  chat fine-tuning (see `docchat_records`).
 
 SPLIT is train, validation or test: a fixed ~90/5/5 split by a hash of each record's id.
 """
@@ -33,7 +36,7 @@ from llmkit.errors import DataError, did_you_mean
 SPLITS = ("train", "validation", "test")
 
 
-BUILTIN_NAMES = ("pydoc", "docsum", "docsum-choice", "arithmetic")
+BUILTIN_NAMES = ("pydoc", "docsum", "docsum-choice", "arithmetic", "docchat")
 
 
 BUILTIN_LAYOUT = 1
@@ -46,7 +49,7 @@ def parse_builtin(source: str) -> tuple[str, str | None]:
     name, _, split = spec.partition("/")
     if name not in BUILTIN_NAMES:
         raise DataError(
-            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose builtin:pydoc, builtin:docsum, builtin:docsum-choice or builtin:arithmetic"
+            f"{source}: unknown built-in corpus{did_you_mean(name, BUILTIN_NAMES)}; choose one of {', '.join('builtin:' + n for n in BUILTIN_NAMES)}"
         )
     if split and split not in SPLITS:
         raise DataError(f"{source}: unknown split {split!r}{did_you_mean(split, SPLITS)}; choose one of {', '.join(SPLITS)}")
@@ -56,7 +59,8 @@ def parse_builtin(source: str) -> tuple[str, str | None]:
 def read_builtin(source: str) -> Iterator[tuple[str, dict]]:
     name, split = parse_builtin(source)
     records = {
-        "pydoc": pydoc_records, "docsum": docsum_records, "docsum-choice": docsum_choice_records, "arithmetic": arithmetic_records,
+        "pydoc": pydoc_records, "docsum": docsum_records, "docsum-choice": docsum_choice_records,
+        "arithmetic": arithmetic_records, "docchat": docchat_records,
     }[name]()  # fmt: skip
     for index, (record_split, record) in enumerate(records):
         if split is None or record_split == split:
@@ -303,3 +307,46 @@ def arithmetic_records() -> tuple[tuple[str, dict], ...]:
     """builtin:arithmetic as (split, {"id", "question", "answer"}): ARITHMETIC_PROBLEMS problems, split by id hash."""
     records = [arithmetic_problem(i) for i in range(ARITHMETIC_PROBLEMS)]
     return tuple((split_of(r["id"]), r) for r in records)
+
+
+LOOKUP_DOCS_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup_docs",
+        "description": "The docstring of a standard-library object.",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+    },
+}
+DOCCHAT_TOOL_CHARS = 240
+
+
+@functools.lru_cache(maxsize=1)
+def docchat_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:docchat as (split, {"id", "messages"[, "tools"]}): each builtin:docsum record as a conversation.
+
+    Even records: "What does NAME do?" -> the summary, then "Which module is it in?" -> the module
+    (two assistant turns to train). Odd records: the same question answered through a lookup_docs
+    tool call, the tool's reply (the docstring's start), then the summary. Splits are docsum's.
+    """
+    out = []
+    for index, (split, record) in enumerate(docsum_records()):
+        name = record["id"]
+        question = {"role": "user", "content": f"What does {name} do?"}
+        if index % 2 == 0:
+            messages = [
+                question,
+                {"role": "assistant", "content": record["summary"]},
+                {"role": "user", "content": "Which module is it in?"},
+                {"role": "assistant", "content": f"The {name.split('.')[0]} module."},
+            ]
+            out.append((split, {"id": name, "messages": messages}))
+            continue
+        call = {"type": "function", "function": {"name": "lookup_docs", "arguments": {"name": name}}}
+        messages = [
+            question,
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": shorten(record["document"], DOCCHAT_TOOL_CHARS)},
+            {"role": "assistant", "content": record["summary"]},
+        ]
+        out.append((split, {"id": name, "messages": messages, "tools": [LOOKUP_DOCS_TOOL]}))
+    return tuple(out)

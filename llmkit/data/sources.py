@@ -8,7 +8,7 @@ A recipe's `data.train` / `data.validation` / `data.test` is a list of sources:
   `.txt` files are one document each (files over ~1 MB are cut into ~1 MB newline-aligned
   documents), `.jsonl` / `.json` / `.csv` / `.tsv` / `.parquet` rows are records; `.gz`, `.bz2` and
   `.xz` compressed text formats are read transparently;
-- `builtin:pydoc[/SPLIT]`, `builtin:docsum[/SPLIT]` and `builtin:docsum-choice[/SPLIT]`, demo corpora
+- `builtin:pydoc[/SPLIT]`, `builtin:docsum[/SPLIT]`, `builtin:docsum-choice[/SPLIT]` and `builtin:docchat[/SPLIT]`, demo corpora
   (and a multiple-choice task) built from text that ships with Python (see llmkit/data/builtin.py);
   SPLIT is train, validation or test;
 - `hub:ID` or a HubSource mapping `{hub: ID, name: CONFIG, split: train, max_samples: N}`,
