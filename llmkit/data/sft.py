@@ -8,7 +8,9 @@ the prompt the model was trained on.
 
 Tokenization (`tokenize_record`). Each record becomes prompt tokens (label -100) + target tokens +
 EOS (trained); the target text itself stays EOS-free, so it is exactly the reference an evaluation
-compares generations against. Long prompts are shortened (the longest field of the template);
+compares generations against. Instruction records go through the chat template: the trained reply
+ends with the template's end-of-turn token instead of EOS, and a conversation trains every
+assistant reply (`task.train_on`; the spans come from llmkit/prompts.py `chat_segments`). Long prompts are shortened (the longest field of the template);
 targets never are. Records that cannot fit are counted in `TokenizeStats`, never dropped silently.
 Tokenized splits are kept in the tokenization cache (llmkit/data/cache.py).
 
@@ -104,7 +106,8 @@ def resolve_task(
 
     Classification: task.labels, the label set. Instruction: task.record_format, chat or template,
     which is how `llmkit generate` and `llmkit eval` later prompt the model (llmkit/prompts.py
-    `run_prompt`); a run trains one format, so a mix of chat and template records is refused.
+    `run_prompt`); a run trains one format, so a mix of chat and template records is refused
+    unless the template is the prompt itself ({prompt}: a one-turn chat either way).
     """
     task = recipe.task
     if task.type == "instruction" and task.record_format != "template":
