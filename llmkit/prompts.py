@@ -51,9 +51,12 @@ _RESERVED = {"labels"}
 # reply. Tools are listed in a system block; tool calls are JSON in <tool_call> tags.
 DEFAULT_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
-    "{% if tools %}{{ '<|system|>\nTools you can call (JSON schema):\n' }}"
+    "{% set first = 0 %}"
+    "{% if tools %}{{ '<|system|>\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% set first = 1 %}{% endif %}"
+    "{{ 'Tools you can call (JSON schema):\n' }}"
     "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}{% endif %}"
-    "{% for message in messages %}"
+    "{% for message in messages[first:] %}"
     "{{ '<|' + message['role'] + '|>\n' }}"
     "{% if message['content'] %}{{ message['content'] }}{% endif %}"
     "{% if message['tool_calls'] is defined and message['tool_calls'] %}{% for call in message['tool_calls'] %}"
@@ -76,17 +79,20 @@ def chatml_template(bos: bool) -> str:
     start, end = CHAT_MARKERS
     return (
         ("{{ bos_token }}" if bos else "")
-        + f"{{% if tools %}}{{{{ '{start}system\nTools you can call (JSON schema):\n' }}}}"
-        + "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
-        + f"{{{{ '{end}\n' }}}}{{% endif %}}"
-        + "{% for message in messages %}"
-        + f"{{{{ '{start}' + message['role'] + '\n' }}}}"
+        + "{% set first = 0 %}"
+        + f"{{% if tools %}}{{{{ '{start}system\\n' }}}}"
+        + "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% set first = 1 %}{% endif %}"
+        + "{{ 'Tools you can call (JSON schema):\\n' }}"
+        + "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+        + f"{{{{ '{end}\\n' }}}}{{% endif %}}"
+        + "{% for message in messages[first:] %}"
+        + f"{{{{ '{start}' + message['role'] + '\\n' }}}}"
         + "{% if message['content'] %}{{ message['content'] }}{% endif %}"
         + "{% if message['tool_calls'] is defined and message['tool_calls'] %}{% for call in message['tool_calls'] %}"
         + "{{ '<tool_call>' }}{{ call['function'] | tojson }}{{ '</tool_call>' }}{% endfor %}{% endif %}"
-        + f"{{{{ '{end}\n' }}}}"
+        + f"{{{{ '{end}\\n' }}}}"
         + "{% endfor %}"
-        + f"{{% if add_generation_prompt %}}{{{{ '{start}assistant\n' }}}}{{% endif %}}"
+        + f"{{% if add_generation_prompt %}}{{{{ '{start}assistant\\n' }}}}{{% endif %}}"
     )
 
 

@@ -313,11 +313,11 @@ LOOKUP_DOCS_TOOL = {
     "type": "function",
     "function": {
         "name": "lookup_docs",
-        "description": "The docstring of a standard-library object.",
-        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+        "description": "A docstring.",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}},
     },
 }
-DOCCHAT_TOOL_CHARS = 240
+DOCCHAT_TOOL_CHARS = 60
 
 
 @functools.lru_cache(maxsize=1)

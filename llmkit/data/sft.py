@@ -156,7 +156,7 @@ class TokenizeStats:
             f"({self.trained_tokens:,} trained)"
         )
         if self.truncated:
-            text += f"; {self.truncated:,} prompts truncated ({self.truncated_tokens:,} tokens cut)"
+            text += f"; {self.truncated:,} prompts truncated or conversations cut ({self.truncated_tokens:,} tokens cut)"
         if self.did_not_fit:
             text += (
                 f"; {self.did_not_fit:,} records did not fit in data.seq_len and were skipped "

@@ -126,7 +126,8 @@ def inspect(recipe, num_examples: int = 3) -> None:
             continue
         for example in examples:
             trained = sum(1 for x in example["labels"] if x != IGNORE_INDEX)
-            note = f", prompt truncated by {cut} tokens" if cut else ""
+            what = "conversation cut after the last reply that fits" if prompts.is_chat_record(recipe.task, record) else "prompt truncated"
+            note = f", {what} ({cut} tokens)" if cut else ""
             print(f"[{len(example['input_ids'])} tokens, {trained} trained{note}]")
             print(render_mask(tokenizer, example, colour))
 
