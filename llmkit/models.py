@@ -843,6 +843,7 @@ def export_generation_config(model, tokenizer):
     gen.bos_token_id = tokenizer.bos_token_id
     gen.eos_token_id = (stops[0] if len(stops) == 1 else stops) if stops else None
     gen.pad_token_id = tokenizer.pad_token_id
+    gen.use_cache = True  # training turns the model's cache off; generation from the export wants it
     return gen
 
 

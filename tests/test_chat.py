@@ -301,6 +301,7 @@ def test_exported_chat_model_stops_at_the_end_of_turn_and_generate_prompts_throu
     model = AutoModelForCausalLM.from_pretrained(run)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert set(model.generation_config.eos_token_id) == {tok.eos_token_id, im_end}
+    assert model.generation_config.use_cache is True
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about lamps."}], add_generation_prompt=True, tokenize=True, return_dict=True)
     ids = torch.tensor([prompt["input_ids"]])
     with torch.inference_mode():
