@@ -195,6 +195,7 @@ NOT_RUN = {
     "multi_gpu.yaml": "a GPU launch config",
     "--num_processes 2": "a two-process launch (tests/test_distributed.py runs those)",
     "llmkit quickstart": "tests/test_quickstart.py runs it (slow)",
+    "eval/gsm8k": "reads GSM8K from data/gsm8k/, which its recipe header says how to download",
     "llmkit pretrain runs/optimal.yaml": "trains the recommended model for the steps `scale recommend` printed; tests/test_scale.py checks the written recipe (shape, budget)",
     "pretrain/llama-1b": "a 1.1B model: a multi-GPU run",
 }
