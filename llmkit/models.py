@@ -795,7 +795,8 @@ def model_summary_lines(config, counts: dict[str, int], recipe, world_size: int 
 def write_model_card(output_dir: Path, recipe, summary: dict[str, Any], counts: dict[str, int]) -> None:
     """README.md model card: what was trained, on what, for how long, and how to load it."""
     val = summary.get("val_loss")
-    results = f"- validation loss {val:.4f}, perplexity {summary['val_ppl']:.2f}\n" if val is not None else ""
+    ppl = f", perplexity {summary['val_ppl']:.2f}" if summary.get("val_ppl") is not None else ""
+    results = f"- validation loss {val:.4f}{ppl}\n" if val is not None else ""
     card = f"""---
 library_name: transformers
 pipeline_tag: text-generation

@@ -41,6 +41,7 @@ _DEFAULTS: dict[str, tuple[str | None, str | None]] = {
     "instruction": (INSTRUCTION_TEMPLATE, "response"),
     "classification": (CLASSIFICATION_TEMPLATE, "label"),
     "text": (None, None),
+    "preference": ("{prompt}", None),  # records {prompt | messages, chosen, rejected}: llmkit/data/preference.py
 }
 
 # Placeholders filled by llmkit rather than from the record.
@@ -813,7 +814,7 @@ def run_prompt(model: str | Path) -> RunPrompt:
         return RunPrompt("raw", source=str(path), reason=f"{path} is a {recipe.stage} recipe, not a fine-tuning one")
     if task.type == "text":
         return RunPrompt("raw", task=task, source=str(path), reason=f"{path} fine-tuned on raw text (task.type: text)")
-    if task.type == "instruction" and task.record_format == "chat":
+    if task.type in ("instruction", "preference") and task.record_format == "chat":
         return RunPrompt("chat", task=task, source=str(path))
     if task.type in _DEFAULTS:
         return RunPrompt("template", task=task, source=str(path))

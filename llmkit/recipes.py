@@ -456,22 +456,31 @@ class PretrainRecipe(Section):
 # --------------------------------------------------------------------------------------------
 
 
+PreferenceLoss = Literal["dpo", "ipo", "simpo", "orpo"]
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 1.0}
+"""task.beta when the recipe leaves it null (orpo has none: its rewards are plain average log-probs)."""
+PREFERENCE_KEYS = ("loss", "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "reference")
+
+
 class TaskSpec(Section):
     """A downstream task: how records become (prompt, target) pairs."""
 
-    type: Literal["summarization", "instruction", "classification", "text"] = Field(description="Task kind.")
+    type: Literal["summarization", "instruction", "classification", "text", "preference"] = Field(
+        description="Task kind (preference: {prompt or messages, chosen, rejected} pairs, trained with task.loss)."
+    )
     prompt_template: str | None = Field(
         None, description="Prompt with {field} placeholders naming record fields (task default when null)."
     )
     target_field: str | None = Field(None, description="Record field holding the target (task default when null).")
-    messages_field: str = Field("messages", description="Field of chat records (instruction task).")
+    messages_field: str = Field("messages", description="Field of chat records (instruction and preference tasks).")
     text_field: str = Field("text", description="Field of raw-text records (text task).")
     labels: list[str] | None = Field(None, description="Classification label words (default: taken from the data).")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: target tokens only).")
     max_target_tokens: int | None = Field(None, ge=1, description="Longest target kept; longer targets are errors.")
     record_format: Literal["auto", "chat", "template"] = Field(
         "auto",
-        description="Instruction records: chat (messages) or template (prompt_template fields); auto reads the training data.",
+        description="Instruction and preference records: chat (messages) or template (prompt_template fields); auto reads the training data.",
     )
     train_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
         "all_assistant_turns", description="Chat records: train every assistant reply, or only the last one."
@@ -484,11 +493,70 @@ class TaskSpec(Section):
     def _check_chat_keys(self) -> TaskSpec:
         # These shape chat prompts; on another task they would be silently ignored.
         if self.type != "instruction":
-            if self.record_format != "auto":
-                raise ValueError(f"task.record_format: {self.record_format!r} applies to the instruction task only; drop it")
+            if self.record_format != "auto" and self.type != "preference":
+                raise ValueError(f"task.record_format: {self.record_format!r} applies to the instruction and preference tasks only; drop it")
             if self.system_prompt is not None:
                 raise ValueError("task.system_prompt applies to the instruction task only; drop it")
         return self
+
+    loss: PreferenceLoss = Field(
+        "dpo",
+        description="Preference loss: dpo (sigmoid), ipo, and the reference-free simpo and orpo (see docs/finetuning.md).",
+    )
+    beta: float | None = Field(
+        None, gt=0, description="Preference temperature beta (default: 0.1 for dpo and ipo, 2.0 for simpo; orpo has none)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo and simpo: probability that a pair's preference label is flipped (conservative DPO)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma, in reward units (beta x average log-prob).")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight lambda of the odds-ratio term added to the chosen completion's NLL.")
+    reference: Literal["cached", "live", "none"] = Field(
+        "cached",
+        description="dpo/ipo reference model: cached = its log-probs computed once into the data cache; live = kept in memory.",
+    )
+
+    @model_validator(mode="after")
+    def _check_preference(self) -> TaskSpec:
+        # A key that the task ignores is an error. "Given" is "differs from its default": the resolved
+        # recipe.yaml of a run spells out every default, and must load again.
+        given = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
+        if self.type != "preference":
+            stray = [k for k in PREFERENCE_KEYS if k in given]
+            if stray:
+                raise ValueError(f"task.{stray[0]} applies to task.type: preference only (this task is {self.type})")
+            return self
+        stray = [k for k in ("target_field", "labels", "train_on_prompt", "max_target_tokens", "text_field", "train_on") if k in given]
+        if stray:
+            raise ValueError(
+                f"task.{stray[0]} does not apply to task.type: preference (records hold prompt or messages, chosen and rejected)"
+            )
+        reference_free = self.loss in REFERENCE_FREE_LOSSES
+        if self.reference == "none" and not reference_free:
+            raise ValueError(
+                f"task.reference: none, but task.loss {self.loss} compares with a reference model; "
+                "use cached (the default) or live, or a reference-free loss (simpo, orpo)"
+            )
+        if reference_free and self.reference == "live":
+            raise ValueError(f"task.reference: task.loss {self.loss} is reference-free and uses no reference model; remove task.reference")
+        if self.loss == "orpo" and self.beta is not None:
+            raise ValueError("task.beta: orpo has no beta; its odds-ratio term is weighted by task.orpo_lambda")
+        if self.label_smoothing and self.loss not in ("dpo", "simpo"):
+            raise ValueError(f"task.label_smoothing applies to dpo and simpo, not to task.loss {self.loss}")
+        for key, loss in (("simpo_gamma", "simpo"), ("orpo_lambda", "orpo")):
+            if key in given and self.loss != loss:
+                raise ValueError(f"task.{key} applies to task.loss: {loss}, not {self.loss}")
+        return self
+
+    @property
+    def preference_beta(self) -> float:
+        """task.beta, or the default of task.loss."""
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether this preference task compares with a reference model (dpo and ipo do)."""
+        return self.type == "preference" and self.loss not in REFERENCE_FREE_LOSSES
 
     @model_validator(mode="after")
     def _check_labels(self) -> TaskSpec:
@@ -569,6 +637,11 @@ class FinetuneRecipe(Section):
             raise ValueError("model.path is required: the checkpoint to fine-tune")
         if self.model.type is not None:
             raise ValueError("model.type is for pretraining from scratch; fine-tuning starts from model.path")
+        if self.task.type == "preference" and self.data.packing:
+            raise ValueError(
+                "data.packing: preference pairs are batched padded, chosen and rejected side by side, so that no row mixes "
+                "two pairs; set data.packing: false (data.group_by_length keeps the padding small)"
+            )
         if self.lora.enabled and self.train.optimizer == "muon":
             raise ValueError(
                 "train.optimizer: muon orthogonalizes whole weight matrices; LoRA adapters are low-rank factors, "

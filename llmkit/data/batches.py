@@ -64,6 +64,9 @@ class TrainData:
     report:          optional `report(examples consumed, stream position) -> {label: {...}}`: what
                      the first N global training examples held (a mixture's realised share of each
                      source); logged as a "mixture" event at the end and kept in summary.json.
+    objective:       optional `objective(accelerator, model, cfg) -> Objective` (llmkit/training/loss.py):
+                     what a step minimises when it is not the next-token NLL of the labels (preference
+                     pairs: llmkit/training/preference.py). Default: the summed NLL per scored token.
     """
 
     train: Sequence[Example] | None
@@ -76,6 +79,7 @@ class TrainData:
     extra: dict[str, Any] = field(default_factory=dict)
     validation_parts: list[tuple[str, int, int]] | None = None
     report: Callable[[int, Position | None], dict[str, Any]] | None = None
+    objective: Callable[..., Any] | None = None
 
 
 def shuffled_batch_order(num_examples: int) -> BatchOrder:

@@ -15,6 +15,9 @@
 - `builtin:docchat[/SPLIT]`: the same docstrings as chat records {"id", "messages"[, "tools"]}: two-turn
   conversations, and (every other record) a `lookup_docs` tool call answered by a tool message, for
   chat fine-tuning (see `docchat_records`).
+- `builtin:docsum-pref[/SPLIT]`: the same docstrings as preference pairs, {"id", "prompt"
+  ("Summarize ...{document}...Summary:\n"), "chosen" (the real summary), "rejected" (another record's)},
+  for `llmkit finetune` with task.type preference (see `docsum_pref_records`).
 
 SPLIT is train, validation or test: a fixed ~90/5/5 split by a hash of each record's id.
 """
@@ -36,7 +39,7 @@ from llmkit.errors import DataError, did_you_mean
 SPLITS = ("train", "validation", "test")
 
 
-BUILTIN_NAMES = ("pydoc", "docsum", "docsum-choice", "arithmetic", "docchat")
+BUILTIN_NAMES = ("pydoc", "docsum", "docsum-choice", "docsum-pref", "arithmetic", "docchat")
 
 
 BUILTIN_LAYOUT = 1
@@ -59,7 +62,7 @@ def parse_builtin(source: str) -> tuple[str, str | None]:
 def read_builtin(source: str) -> Iterator[tuple[str, dict]]:
     name, split = parse_builtin(source)
     records = {
-        "pydoc": pydoc_records, "docsum": docsum_records, "docsum-choice": docsum_choice_records,
+        "pydoc": pydoc_records, "docsum": docsum_records, "docsum-choice": docsum_choice_records, "docsum-pref": docsum_pref_records,
         "arithmetic": arithmetic_records, "docchat": docchat_records,
     }[name]()  # fmt: skip
     for index, (record_split, record) in enumerate(records):
@@ -349,4 +352,30 @@ def docchat_records() -> tuple[tuple[str, dict], ...]:
             {"role": "assistant", "content": record["summary"]},
         ]
         out.append((split, {"id": name, "messages": messages, "tools": [LOOKUP_DOCS_TOOL]}))
+
+
+DOCSUM_PREF_TEMPLATE = "Summarize the following text.\n\n{document}\n\nSummary:\n"
+DOCSUM_PREF_DOCUMENT_CHARS = 400
+
+
+@functools.lru_cache(maxsize=1)
+def docsum_pref_records() -> tuple[tuple[str, dict], ...]:
+    """builtin:docsum-pref as (split, {"id", "prompt", "chosen", "rejected"}): the real summary preferred over another's.
+
+    The prompt is the summarization prompt of the document cut to DOCSUM_PREF_DOCUMENT_CHARS at a
+    word boundary (short enough for small seq_len on a CPU); the rejected summary is drawn from the
+    other summaries of the same split with random.Random(f"pref/{id}"), so the pairs are the same
+    in every run on the same Python version.
+    """
+    out = []
+    for split in SPLITS:
+        records = [r for s, r in docsum_records() if s == split]
+        summaries = sorted({r["summary"] for r in records})
+        for record in records:
+            rng = random.Random(f"pref/{record['id']}")
+            rejected = rng.choice(summaries)
+            while rejected == record["summary"]:
+                rejected = rng.choice(summaries)
+            prompt = DOCSUM_PREF_TEMPLATE.format(document=shorten(record["document"], DOCSUM_PREF_DOCUMENT_CHARS))
+            out.append((split, {"id": record["id"], "prompt": prompt, "chosen": record["summary"], "rejected": rejected}))
     return tuple(out)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from llmkit import models, prompts
-from llmkit.data import sft
+from llmkit.data import preference, sft
 from llmkit.data import sources
 from llmkit.data.lm import DocumentEncoder, check_lm_data, lm_train_data, open_cache, prepare_cache
 from llmkit.data.mixture import mixture_of
@@ -56,6 +56,8 @@ def _prepare_finetune(recipe: FinetuneRecipe) -> sft.SFTData:
     finetune.check(recipe)
     tokenizer = finetune.load_tokenizer(recipe)
     models.training_config(recipe, tokenizer)
+    if recipe.task.type == "preference":
+        return _prepare_pairs(recipe, tokenizer)
     train, validation = sft.checked_records(recipe)
     examples = sft.tokenize_splits(recipe, tokenizer, train, validation)
     print(("cached: " if examples.cached else "tokenized: ") + examples.train_stats.line("train"))
@@ -99,6 +101,8 @@ def inspect(recipe, num_examples: int = 3) -> None:
         )
     finetune.check(recipe)
     tokenizer = finetune.load_tokenizer(recipe)
+    if recipe.task.type == "preference":
+        return inspect_pairs(recipe, tokenizer, num_examples)
     records = sft.load_located_records(
         recipe.data.train, max(num_examples, recipe.data.max_samples or 0) or None, recipe.data.encoding_errors
     )
@@ -196,3 +200,41 @@ def inspect_blocks(recipe: PretrainRecipe, num_blocks: int = 3) -> None:
             ends = sum(1 for t in block if t == tokenizer.eos_token_id)
             print(f"\n--- {name}, block {i} [{len(block)} tokens, {ends} document end{'s' if ends != 1 else ''}]")
             print(render_block(tokenizer, block, colour))
+
+
+def _prepare_pairs(recipe: FinetuneRecipe, tokenizer) -> preference.PairData:
+    """Tokenize a preference recipe's pairs into the cache, and score them with the starting model when the reference is cached."""
+    train, validation = finetune.preference_records(recipe)
+    pairs = preference.tokenize_splits(recipe, tokenizer, train, validation)
+    print(("cached: " if pairs.cached else "tokenized: ") + pairs.train_stats.line("train"))
+    if pairs.validation:
+        print(pairs.validation_stats.line("validation"))
+    if recipe.task.uses_reference and recipe.task.reference == "cached":
+        finetune.score_reference(recipe, models.build_model(recipe, tokenizer), tokenizer, pairs)
+        print(f"reference log-probs {pairs.reference}")
+    return pairs
+
+
+def inspect_pairs(recipe: FinetuneRecipe, tokenizer, num_examples: int = 3) -> None:
+    """`data inspect` of a preference recipe: each pair's chosen and rejected rows, completion tokens marked as trained."""
+    records = sft.load_located_records(recipe.data.train, num_examples, recipe.data.encoding_errors)
+    preference.check_records(recipe, records)
+    colour = _use_colour()
+    legend = (
+        "\x1b[1;32mscored completion (in the loss)\x1b[0m  \x1b[2mprompt (masked, label -100)\x1b[0m"
+        if colour
+        else "[[scored completion tokens]] in double brackets; the prompt is masked (label -100)"
+    )
+    task = recipe.task
+    print(f"preference task ({task.loss}), seq_len {recipe.data.seq_len}; {legend}")
+    task = prompts.task_defaults(task)
+    for where, record in records[:num_examples]:
+        pair = preference.tokenize_pair(task, record, tokenizer, recipe.data.seq_len, where)
+        print(f"\n--- {where}")
+        if pair is None:
+            print("(does not fit in data.seq_len: prompt + the longer completion is too long; it would be skipped and counted)")
+            continue
+        for name in preference.COMPLETIONS:
+            example = {"input_ids": pair["prompt"] + pair[name], "labels": [IGNORE_INDEX] * len(pair["prompt"]) + pair[name]}
+            print(f"[{name}: {len(example['input_ids'])} tokens, {len(pair[name])} scored]")
+            print(render_mask(tokenizer, example, colour))

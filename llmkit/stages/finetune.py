@@ -9,6 +9,11 @@ tokens masked, target + EOS trained, length grouping or packing) and how the mod
 resume, signals and logging are llmkit/training/loop.py. Every eval_every steps the loop logs the
 validation loss and the metrics of train.evals (llmkit/evals/training.py), e.g. ROUGE of generations
 on the validation records, scored exactly as `llmkit eval` scores them.
+
+Preference tasks (task.type: preference) build pairs instead (llmkit/data/preference.py) and train
+the preference objective (llmkit/training/preference.py); with a reference-based loss and
+task.reference: cached, the starting model scores every pair once before training, so the reference
+model never sits in memory next to the one being trained.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import sys
 from typing import Any
 
 from llmkit import dist, models, prompts, rundir
-from llmkit.data import sft
+from llmkit.data import preference, sft
 from llmkit.data.splits import builtin_validation_warning
 from llmkit.errors import RecipeError
 from llmkit.evals.training import training_evals
 from llmkit.recipes import FinetuneRecipe
+from llmkit.metrics.preference import pair_logps
+from llmkit.training.hardware import resolve_mixed_precision
 from llmkit.training.loop import check_launch, fit
+from llmkit.training.preference import frozen_reference, preference_objective
 
 
 def check(recipe: FinetuneRecipe) -> None:
@@ -43,7 +51,7 @@ def load_tokenizer(recipe: FinetuneRecipe):
     """The tokenizer named by `tokenizer`, else the one saved with model.path; chat template for instructions."""
     key = "tokenizer" if recipe.tokenizer else "model.path"
     tokenizer = models.load_tokenizer(recipe.tokenizer or recipe.model.path, key)
-    if recipe.task.type == "instruction":
+    if recipe.task.type in ("instruction", "preference"):
         prompts.ensure_chat_template(tokenizer)
     return tokenizer
 
@@ -56,6 +64,8 @@ def run(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
 
 
 def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
+    if recipe.task.type == "preference":
+        return _run_preference(recipe, overwrite)
     # 1. Everything that can fail cheaply fails before any model weights are read.
     check(recipe)
     tokenizer = load_tokenizer(recipe)
@@ -111,3 +121,96 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
         save_final=save_final,
         overwrite=overwrite,
     )
+
+
+def _save_final(recipe: FinetuneRecipe):
+    """LoRA runs write the adapter (and, with lora.merge, the merged model); None = the loop's default."""
+    if not recipe.lora.enabled:
+        return None
+
+    def save_final(model, tokenizer, output_dir) -> None:
+        """Write the adapter (and the merged model with lora.merge)."""
+        models.save_lora(model, tokenizer, output_dir, merge=recipe.lora.merge)
+
+    return save_final
+
+
+def _lora(recipe: FinetuneRecipe, model):
+    """The model wrapped in LoRA adapters (with a line saying how much trains), or the model itself."""
+    if not recipe.lora.enabled:
+        return model
+    model = models.apply_lora(model, recipe)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def preference_records(recipe: FinetuneRecipe):
+    """Train and validation (where, record) pairs of a preference recipe, each checked (file:line on the first bad one)."""
+    train, validation = sft.split_records(recipe)
+    preference.check_records(recipe, train)
+    preference.check_records(recipe, validation)
+    preference.resolve_record_format(recipe, [*train, *validation])  # recipe.yaml records it: how generate prompts the run
+    return train, validation
+
+
+def score_reference(recipe: FinetuneRecipe, model, tokenizer, data: preference.PairData) -> None:
+    """Cached reference log-probs: the starting model scores every pair once (or the cache has them)."""
+    import torch
+
+    precision = resolve_mixed_precision(recipe.train.mixed_precision)
+    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sft.require_eos(tokenizer)
+
+    def score(pairs):
+        """Summed completion log-probs of `pairs` under the starting model, on this process's device."""
+        if not pairs:
+            return []
+        dist.log(f"reference: scoring {len(pairs):,} pairs with the starting model (once; kept in the data cache)")
+        model.to(device)
+        try:
+            return pair_logps(model, pairs, pad_id, batch_size=recipe.train.micro_batch_size, device=device, autocast_dtype=dtype)
+        finally:
+            model.to("cpu")  # fit places the model itself
+
+    preference.attach_reference(recipe, data, score, precision)
+
+
+def _run_preference(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
+    """`llmkit finetune` on preference pairs: check, tokenize, (reference pass), LoRA, then `fit` with the preference objective."""
+    # 1. Everything that can fail cheaply fails before any model weights are read.
+    check(recipe)
+    tokenizer = load_tokenizer(recipe)
+    train, validation = preference_records(recipe)
+    # train.evals (benchmarks scored while training) works as for every fine-tune; pairs are not its validation records.
+    extra_eval = training_evals(recipe.train.evals, tokenizer, run_task=recipe.task)
+    models.training_config(recipe, tokenizer)
+    check_launch(recipe, rundir.check_run_dir(recipe, overwrite=overwrite))
+
+    # 2. Tokenize (cached) and report what did not fit.
+    pairs = preference.tokenize_splits(recipe, tokenizer, train, validation)
+    print(pairs.train_stats.line("train"))
+    if validation:
+        print(pairs.validation_stats.line("validation"))
+
+    # 3. The starting model; it is also the reference: scored once into the cache, or kept (live).
+    model = models.build_model(recipe, tokenizer)
+    if extra_eval is not None:
+        extra_eval.plan(model.config)
+    task, reference_model = recipe.task, None
+    if task.uses_reference and task.reference == "cached":
+        score_reference(recipe, model, tokenizer, pairs)
+    elif task.uses_reference and not recipe.lora.enabled:
+        reference_model = frozen_reference(model)  # live, full fine-tuning: a second copy of the weights
+    # (live with LoRA: the reference is the same model with its adapters disabled; no copy)
+    model = _lora(recipe, model)
+    data = preference.build_train_data(recipe, pairs, tokenizer, preference_objective(task, reference_model))
+
+    # 4. The shared loop; the eval event carries the validation pairs' rewards and accuracy.
+    return fit(
+        recipe, model, tokenizer, data,
+        extra_eval=extra_eval,
+        save_final=_save_final(recipe), overwrite=overwrite,
+    )  # fmt: skip

@@ -34,6 +34,7 @@ from llmkit.recipes import (
     recipe_to_yaml,
 )
 from llmkit.scaling.shapes import sized_recipe
+from llmkit.training.preference import plan_lines as preference_plan
 from llmkit.stages import scale
 
 
@@ -106,6 +107,8 @@ def plan_lines(recipe) -> list[str]:
         lines.append(f"size dial:        target_params {spec.target_params:,} {spec.param_convention} -> {got:,} ({got / spec.target_params - 1:+.1%})")
     elif spec.depth is not None:
         lines.append(f"size dial:        depth {spec.depth}, aspect_ratio {spec.aspect_ratio}")
+    if isinstance(recipe, FinetuneRecipe) and recipe.task.type == "preference":
+        lines += preference_plan(recipe.task, bool(lora and lora.enabled), counts["total"], recipe.model.dtype, recipe.train.micro_batch_size)
     if note:
         lines.append(f"vocab:            {note}")
     lines.append(f"output_dir:       {recipe.output_dir}")

@@ -50,7 +50,7 @@ from llmkit.recipes import check_wsd
 from llmkit.training import checkpoints, parallelism, startup
 from llmkit.training.hardware import Peak, peak_flops, resolve_mixed_precision, threads_note
 from llmkit.training.log import MetricsLog, available_trackers, flat_config, progress_bar
-from llmkit.training.loss import evaluate_loss_by_part, make_sum_nll, scored_and_input_tokens
+from llmkit.training.loss import evaluate_loss_by_part, make_objective, scored_and_input_tokens
 from llmkit.training.microbatches import MicroBatches, to_device
 from llmkit.training.optim import describe_optimizer, lr_multiplier, make_optimizer
 from llmkit.training.signals import StopSignals
@@ -67,7 +67,7 @@ SaveFinal = Callable[[Any, Any, Any], None]
 
 Fine-tuning with LoRA passes its own, to write adapters (and optionally a merged model)."""
 
-EVAL_KEYS = ("event", "step", "tokens", "val_loss", "val_ppl", "val_tokens")
+EVAL_KEYS = ("event", "step", "tokens", "val_loss", "val_ppl", "val_tokens", "val_pairs")
 
 
 @dataclass
@@ -97,8 +97,9 @@ class Window:
     """Throughput and loss since the last log line."""
 
     tokens: float = 0.0
-    nll: float = 0.0
-    scored: float = 0.0
+    nll: float = 0.0  # summed loss (NLL for language modelling)
+    scored: float = 0.0  # units it is summed over (scored tokens, preference pairs)
+    stats: dict[str, float] = field(default_factory=dict)  # the objective's other sums, e.g. reward_margin
     started: float = field(default_factory=time.perf_counter)
 
     def pause(self, seconds: float) -> None:
@@ -118,6 +119,7 @@ class StepResult:
     scored: float
     tokens: float
     stop: bool
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,7 +133,7 @@ class Run:
     scheduler: Any
     batches: MicroBatches
     log: MetricsLog
-    sum_nll: Callable
+    objective: Any  # llmkit/training/loss.py `Objective`: what a step minimises
     max_steps: int
     mixed_precision: str
     counts: dict[str, int]
@@ -376,7 +378,7 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
             accelerator.print(f"threads:          {threads_note()}")
     return Run(
         recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-        batches=batches, log=log, sum_nll=make_sum_nll(accelerator, model, cfg), max_steps=max_steps,
+        batches=batches, log=log, objective=make_objective(accelerator, model, cfg, data), max_steps=max_steps,
         mixed_precision=mixed_precision, counts=counts, flops_per_token=fpt, peak=peak,
         resume_from=resume_from, start_step=state.step, state=state, config=config, use_cache=use_cache, layout=layout,
     )
@@ -395,18 +397,24 @@ def _step(run: Run, data: TrainData, signals: StopSignals) -> StepResult:
     world = accelerator.num_processes
     micro, position = run.batches.next_step()
     micro = [to_device(b, accelerator.device) for b in micro]
-    counts = torch.tensor([scored_and_input_tokens(micro)], dtype=torch.float64, device=accelerator.device)[0]
+    objective = run.objective
+    units = sum(objective.units(b) for b in micro)  # scored tokens, or pairs
+    counts = torch.tensor([units, scored_and_input_tokens(micro)[1]], dtype=torch.float64, device=accelerator.device)
     scored, step_tokens = accelerator.reduce(counts, reduction="sum").tolist()
-    nll_local = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    # Summed loss, then the objective's stats, then the stop flag: one reduction.
+    sums = torch.zeros(2 + len(objective.stats), dtype=torch.float64, device=accelerator.device)
     for batch in micro:
         with accelerator.accumulate(model):
-            nll, _ = run.sum_nll(batch)
-            # Gradient of (step's summed NLL / step's scored tokens over all processes): accelerate
+            nll, stats = objective(batch)
+            # Gradient of (step's summed loss / step's units over all processes): accelerate
             # divides by grad_accum_steps and DDP averages over processes, so multiply both back.
             accelerator.backward(nll * (cfg.grad_accum_steps * world / max(scored, 1.0)))
-            nll_local += nll.detach().double()
-    stop_flag = torch.tensor(float(signals.received is not None), dtype=torch.float64, device=accelerator.device)
-    nll_sum, stop = accelerator.reduce(torch.stack([nll_local, stop_flag]), reduction="sum").tolist()
+            sums[0] += nll.detach().double()
+            sums[1 : 1 + len(objective.stats)] += stats.detach().double()
+    sums[-1] = float(signals.received is not None)
+    sums = accelerator.reduce(sums, reduction="sum").tolist()
+    nll_sum, stop = sums[0], sums[-1]
+    stat_sums = dict(zip(objective.stats, sums[1:-1], strict=True))
     loss = nll_sum / max(scored, 1.0)
     grad_norm = None
     if math.isfinite(loss) and cfg.grad_clip is not None:
@@ -422,7 +430,9 @@ def _step(run: Run, data: TrainData, signals: StopSignals) -> StepResult:
     state.step += 1
     state.tokens += int(step_tokens)
     state.stream_position = position if data.stream is not None else None
-    return StepResult(loss=loss, nll_sum=nll_sum, lr=lr, grad_norm=grad_norm, finite=finite, scored=scored, tokens=step_tokens, stop=stop > 0)
+    return StepResult(
+        loss=loss, nll_sum=nll_sum, lr=lr, grad_norm=grad_norm, finite=finite, scored=scored, tokens=step_tokens, stop=stop > 0, stats=stat_sums
+    )
 
 
 def _skip_nonfinite(run: Run, result: StepResult, bar) -> None:
@@ -466,8 +476,13 @@ def _log_train(run: Run, window: Window, result: StepResult, bar) -> float:
              "tokens_per_s": round(tokens_per_s, 1), "mfu": None if mfu is None else round(mfu, 4)}
     if result.grad_norm is not None:
         event["grad_norm"] = round(result.grad_norm, 6)
+    # The objective's own statistics (preference: rewards, margin, accuracy), means per unit of the window.
+    means = {name: value / max(window.scored, 1.0) for name, value in window.stats.items()}
+    event.update({name: round(value, 6) for name, value in means.items()})
     run.log.write(event)
-    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1%}", refresh=False)
+    shown = {"margin": means["reward_margin"], "acc": means["pref_accuracy"]} if "reward_margin" in means else {}
+    bar.set_postfix(loss=f"{train_loss:.4f}", **{k: f"{v:.3f}" for k, v in shown.items()}, lr=f"{result.lr:.2e}",
+                    tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1%}", refresh=False)
     return train_loss
 
 
@@ -476,11 +491,16 @@ def _evaluate(run: Run, data: TrainData, extra_eval: ExtraEval | None, bar) -> N
     import torch
 
     state, accelerator = run.state, run.accelerator
-    val_loss, val_tokens, parts = evaluate_loss_by_part(accelerator, run.model, data, run.cfg, run.sum_nll)
+    result = evaluate_loss_by_part(accelerator, run.model, data, run.cfg, run.objective)
+    val_loss = result.loss
+    per_token = run.objective.unit == "token"
+    # A perplexity only means something for a per-token NLL; a preference loss is per pair.
     event = {"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": round(val_loss, 6),
-             "val_ppl": round(math.exp(min(val_loss, 700)), 4), "val_tokens": val_tokens}
+             "val_ppl": round(math.exp(min(val_loss, 700)), 4) if per_token else None,
+             "val_tokens" if per_token else f"val_{run.objective.unit}s": result.units}
     # Named validation parts (a mixture's sources): val_loss/LABEL next to the loss over all of them.
-    event.update({f"val_loss/{label}": round(loss, 6) for label, (loss, _) in parts.items()})
+    event.update({f"val_loss/{label}": round(loss, 6) for label, (loss, _) in result.parts.items()})
+    event.update({f"val_{name}": round(value, 6) for name, value in result.stats.items()})
     if extra_eval is not None:
         unwrapped = accelerator.unwrap_model(run.model)
         unwrapped.eval()
@@ -491,7 +511,8 @@ def _evaluate(run: Run, data: TrainData, extra_eval: ExtraEval | None, bar) -> N
     run.log.write(event)
     if accelerator.is_main_process:
         extras = "".join(f", {k} {v:.4g}" for k, v in event.items() if k not in EVAL_KEYS and isinstance(v, (int, float)))
-        bar.write(f"step {state.step}: val_loss {val_loss:.4f}, val_ppl {event['val_ppl']:.2f}{extras}")
+        ppl = f", val_ppl {event['val_ppl']:.2f}" if per_token else ""
+        bar.write(f"step {state.step}: val_loss {val_loss:.4f}{ppl}{extras}")
 
 
 def _save(run: Run) -> Path:
@@ -519,6 +540,8 @@ def _train(run: Run, data: TrainData, extra_eval: ExtraEval | None) -> dict[str,
             if result.finite:
                 window.nll += result.nll_sum
                 window.scored += result.scored
+                for name, value in result.stats.items():
+                    window.stats[name] = window.stats.get(name, 0.0) + value
             bar.update(1)
             last = state.step == run.max_steps
 

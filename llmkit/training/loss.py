@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +211,50 @@ def make_sum_nll(accelerator, model, cfg) -> Callable[[dict[str, Any]], tuple[An
     return sum_nll
 
 
+class Objective(Protocol):
+    """What a training step minimises: a sum over units (scored tokens, preference pairs) of one micro-batch.
+
+    The loop divides the step's summed loss by the step's units over all processes, so the gradient
+    is that of the mean per unit, whatever the split into micro-batches and processes. `stats` names
+    further per-unit sums that __call__ returns (e.g. preference accuracy), logged as means per unit.
+    """
+
+    unit: str
+    stats: tuple[str, ...]
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """Units of the micro-batch (known before the forward pass)."""
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, summed stats [len(stats)]) of the micro-batch."""
+
+
+class TokenNLL:
+    """The language-modelling objective: next-token NLL summed over scored tokens (labels != -100)."""
+
+    unit = "token"
+    stats: tuple[str, ...] = ()
+
+    def __init__(self, sum_nll: Callable[[dict[str, Any]], tuple[Any, Any]]) -> None:
+        self.sum_nll = sum_nll
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """Scored tokens of the micro-batch."""
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL, no stats)."""
+        nll, _ = self.sum_nll(batch)
+        return nll, nll.new_zeros(0)
+
+
+def make_objective(accelerator, model, cfg, data: TrainData) -> Objective:
+    """The objective of `data` (TrainData.objective), else the summed next-token NLL of `make_sum_nll`."""
+    if data.objective is not None:
+        return data.objective(accelerator, model, cfg)
+    return TokenNLL(make_sum_nll(accelerator, model, cfg))
+
+
 def scored_and_input_tokens(micro_batches: list[dict[str, Any]]) -> tuple[float, float]:
     """(tokens with a label, input tokens) of a step's micro-batches; with an attention mask, only attended tokens count."""
     scored = inputs = 0
@@ -220,22 +265,32 @@ def scored_and_input_tokens(micro_batches: list[dict[str, Any]]) -> tuple[float,
     return float(scored), float(inputs)
 
 
-def evaluate_loss(accelerator, model, data: TrainData, cfg, sum_nll=None) -> tuple[float, int]:
-    """Token-weighted validation loss over every validation token (or the first eval_batches batches).
+def evaluate_loss(accelerator, model, data: TrainData, cfg, objective: Objective | None = None) -> tuple[float, int]:
+    """Validation loss per unit over every validation unit (or the first eval_batches batches).
 
     Every process runs the same number of forward passes (FSDP and DeepSpeed need that): a
-    process without a batch of its own re-runs batch 0 with weight zero. `sum_nll`: from make_sum_nll.
+    process without a batch of its own re-runs batch 0 with weight zero. `objective`: from make_objective.
     """
-    loss, count, _ = evaluate_loss_by_part(accelerator, model, data, cfg, sum_nll)
-    return loss, count
+    result = evaluate_loss_by_part(accelerator, model, data, cfg, objective)
+    return result.loss, result.units
 
 
-def evaluate_loss_by_part(accelerator, model, data: TrainData, cfg, sum_nll=None) -> tuple[float, int, dict[str, tuple[float, int]]]:
-    """(loss, scored tokens) over all validation tokens, and {label: (loss, tokens)} of each of data.validation_parts.
+@dataclass
+class Validation:
+    """The validation loss per unit, its units, each named part's (loss, units), and each stat's mean per unit."""
 
-    As `evaluate_loss`; with parts, batches stay within a part and train.eval_batches caps each part.
+    loss: float
+    units: int
+    parts: dict[str, tuple[float, int]]
+    stats: dict[str, float]
+
+
+def evaluate_loss_by_part(accelerator, model, data: TrainData, cfg, objective: Objective | None = None) -> Validation:
+    """Loss over all validation units, and (loss, units) of each of data.validation_parts, as `evaluate_loss`.
+
+    With parts, batches stay within a part and train.eval_batches caps each part.
     """
-    sum_nll = sum_nll or make_sum_nll(accelerator, model, cfg)
+    objective = objective or make_objective(accelerator, model, cfg, data)
 
     dataset = data.validation
     collate = data.eval_collate_fn or data.collate_fn
@@ -247,7 +302,8 @@ def evaluate_loss_by_part(accelerator, model, data: TrainData, cfg, sum_nll=None
         batches += mine[: cfg.eval_batches] if cfg.eval_batches else mine
     world, rank = accelerator.num_processes, accelerator.process_index
     rounds = math.ceil(len(batches) / world)
-    totals = torch.zeros(len(parts), 2, dtype=torch.float64, device=accelerator.device)
+    # Per part: summed loss, units, then each stat's sum.
+    totals = torch.zeros(len(parts), 2 + len(objective.stats), dtype=torch.float64, device=accelerator.device)
     model.eval()
     with torch.no_grad():
         for r in range(rounds):
@@ -255,10 +311,13 @@ def evaluate_loss_by_part(accelerator, model, data: TrainData, cfg, sum_nll=None
             weight = 1.0 if j < len(batches) else 0.0
             part, indices = batches[j if weight else 0]
             batch = to_device(collate([dataset[i] for i in indices]), accelerator.device)
-            nll, count = sum_nll(batch)
-            totals[part] += torch.stack([nll.double(), torch.as_tensor(count, dtype=torch.float64, device=accelerator.device)]) * weight
+            loss, stats = objective(batch)
+            units = torch.as_tensor([objective.units(batch)], dtype=torch.float64, device=accelerator.device)
+            totals[part] += torch.cat([loss.double().reshape(1), units, stats.double()]) * weight
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
-    nll, count = totals.sum(dim=0).tolist()
-    named = {label: (n / max(c, 1.0), int(c)) for (label, _, _), (n, c) in zip(parts, totals.tolist(), strict=True) if label}
-    return nll / max(count, 1.0), int(count), named
+    summed = totals.sum(dim=0).tolist()
+    loss, units = summed[0], summed[1]
+    named = {label: (row[0] / max(row[1], 1.0), int(row[1])) for (label, _, _), row in zip(parts, totals.tolist(), strict=True) if label}
+    stats = {name: value / max(units, 1.0) for name, value in zip(objective.stats, summed[2:], strict=True)}
+    return Validation(loss / max(units, 1.0), int(units), named, stats)
