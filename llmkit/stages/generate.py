@@ -31,7 +31,7 @@ from llmkit.generation import (
     option_spec,
     stop_criteria,
 )
-from llmkit.models import check_model_dir, checkpoint_config, load_model, max_positions
+from llmkit.models import check_causal, check_model_dir, checkpoint_config, load_model, max_positions
 from llmkit.prompts import (
     RunPrompt,
     chat_prompt_ids,
@@ -231,7 +231,9 @@ def run(
             "--num-samples > 1 with --temperature 0 repeats one greedy answer; set --temperature > 0"
         )
     check_model_dir(model, "MODEL", tokenizer_key=None)  # generate has no tokenizer option
-    check_new_tokens(max_new_tokens, checkpoint_config(model, "MODEL"), "--max-new-tokens", "MODEL")
+    config = checkpoint_config(model, "MODEL")
+    check_causal(config, "MODEL", model)  # an encoder is refused for what it is, before its positions are weighed
+    check_new_tokens(max_new_tokens, config, "--max-new-tokens", "MODEL")
     trained = RunPrompt("raw", reason="--raw") if raw else run_prompt(model)
     if chat and trained.kind == "template":
         trained = RunPrompt("raw", reason="--chat: the chat template, not the run's prompt template")
