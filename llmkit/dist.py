@@ -39,6 +39,11 @@ def local_rank() -> int:
     return _env_int("LOCAL_RANK", rank())
 
 
+def local_world_size() -> int:
+    """Processes of this launch on this machine (LOCAL_WORLD_SIZE from torchrun / accelerate; 1 when unknown)."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+
+
 def is_local_main() -> bool:
     """Local rank 0: correct for both shared and node-local caches."""
     return local_rank() == 0

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from llmkit.data.sources import hub_host_resolves, source_names
+from llmkit.data.tokens import token_id_bound
 from llmkit.errors import ModelError, RecipeError, did_you_mean
 from llmkit.prompts import ensure_chat_template, stop_token_ids
 from llmkit.recipes import bundled_command_writing, check_model_overrides, load_recipe, recipe_to_yaml
@@ -513,9 +514,10 @@ def vocab_size_of(config) -> int | None:
 
 def check_vocab(tokenizer, embedding_rows: int | None, where: str) -> None:
     """ModelError when the tokenizer has ids the model's embedding matrix cannot hold."""
-    if embedding_rows is not None and len(tokenizer) > embedding_rows:
+    needed = token_id_bound(tokenizer)
+    if embedding_rows is not None and needed > embedding_rows:
         raise ModelError(
-            f"{where}: the tokenizer has {len(tokenizer):,} tokens but the model has {embedding_rows:,} embedding rows "
+            f"{where}: the tokenizer's ids go up to {needed - 1:,} but the model has {embedding_rows:,} embedding rows "
             f"(vocab_size is {embedding_rows}); use the tokenizer the model was trained with, or resize the model"
         )
 
@@ -565,7 +567,8 @@ def check_lora_available(recipe) -> None:
 def training_config(recipe, tokenizer):
     """The checked config of the model a pretrain or finetune recipe trains, fitted to its tokenizer."""
     if recipe.model.type is not None:
-        config = model_config(recipe, padded_vocab_size(len(tokenizer)), special_token_ids(tokenizer))
+        # The largest id, not len(tokenizer): a tokenizer with sparse ids needs rows up to its largest one.
+        config = model_config(recipe, padded_vocab_size(token_id_bound(tokenizer)), special_token_ids(tokenizer))
         check_vocab(tokenizer, vocab_size_of(config), "model.vocab_size")
     else:
         config = model_config(recipe)

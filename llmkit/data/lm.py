@@ -21,16 +21,22 @@ into the same blocks, in corpus order, epoch after epoch. The position after eac
 ({epoch, document index, token offset}) is saved in checkpoints, so resuming skips the documents
 already consumed without tokenizing them again.
 
-Multi-process runs. The main process builds the cache; the others wait by polling the cache
-directory (no collective operation is involved, so a long tokenization never hits a distributed
-timeout), then read it.
+Memory. Tokenizer calls are bounded in characters, not documents, and documents longer than
+~1 MB are tokenized in pieces cut where the ids cannot change (llmkit/data/tokens.py), with ids
+written to disk as they come: peak memory does not grow with the corpus or its largest document.
+
+Multi-process runs. The processes of a launch on one machine tokenize in parallel: documents are
+dealt out in chunks of ~8 MB of text (chunk k to local rank k mod n), each process writes its own
+part files, and local rank 0 joins them in corpus order into one entry, the same byte for byte as
+a single process writes. No collective operation is involved (the processes coordinate through
+files in the cache directory), so a long tokenization never hits a distributed timeout. On a
+cache shared by several machines one machine claims the build and the others wait for it
+(llmkit/data/cache.py `build_shared`).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -40,13 +46,14 @@ from typing import Any
 from llmkit import dist
 from llmkit.data import mixture, sources
 from llmkit.data.batches import TrainData, shuffled_batch_order
-from llmkit.data.cache import build_once, cache_root, entry_name, tokenizer_fingerprint
+from llmkit.data.cache import build_shared, cache_root, entry_name, tokenizer_fingerprint
 from llmkit.data.packing import ConcatBlocks, PackedBlocks, PackStats, block_positions, collate_blocks
 from llmkit.data.splits import held_out
+from llmkit.data.tokens import DocumentEncoder, TokenWriter, batched, token_dtype
 from llmkit.errors import DataError, RecipeError
 
-CACHE_VERSION = 2
-"""Bump when the cached token layout changes, so old entries are not reused (2: verified file sizes)."""
+CACHE_VERSION = 3
+"""Bump when the cached token layout changes, so old entries are not reused (2: verified file sizes; 3: checksums)."""
 
 
 def check_lm_data(recipe) -> None:
@@ -101,7 +108,7 @@ def stream_blocks(recipe, tokenizer):
             )
             produced = False
             skip = doc
-            for batch in _batched(texts, ENCODE_BATCH):
+            for batch in batched(texts):
                 if skip >= len(batch):
                     skip -= len(batch)  # documents consumed before the resume point: not tokenized again
                     continue
@@ -171,7 +178,8 @@ def lm_train_data(recipe, tokenizer, world_size: int | None = None):
             validation=validation,
             description=f"streaming {data.train} in {data.seq_len}-token blocks (corpus order)",
         )
-    path = prepare_cache(recipe, tokenizer)
+    # The block count is checked before the entry is published: a corpus too small to train leaves no cache behind.
+    path = prepare_cache(recipe, tokenizer, check=lambda meta: check_blocks(meta_stats(meta, "train", data.seq_len), recipe, world_size))
     tokens, docs = open_cache(path, "train")
     train = PackedBlocks(tokens, docs, data.seq_len, positions=positions)
     stats = train.stats()
@@ -202,7 +210,7 @@ def _memory_blocks(recipe, tokenizer, source_list, positions: bool, pad_id: int)
     flat: list[int] = []
     starts: list[int] = []
     texts = sources.iter_texts(source_list, text_field=recipe.data.text_field, encoding_errors=recipe.data.encoding_errors)
-    for batch in _batched(texts, ENCODE_BATCH):
+    for batch in batched(texts):
         for ids in encoder.encode(batch):
             starts.append(len(flat))
             flat.extend(ids)
@@ -210,89 +218,6 @@ def _memory_blocks(recipe, tokenizer, source_list, positions: bool, pad_id: int)
         np.asarray(flat, dtype=np.int64), np.asarray(starts, dtype=np.int64), recipe.data.seq_len,
         positions=positions, keep_partial=True, pad_id=pad_id,
     )
-
-
-ENCODE_BATCH = 256  # documents per tokenizer call: large enough for the Rust thread pool, small in RAM
-
-
-class DocumentEncoder:
-    """Turns batches of texts into lists of token ids (each followed by EOS), as tokenizer(text) would."""
-
-    def __init__(self, tokenizer) -> None:
-        self.eos = tokenizer.eos_token_id
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            from tokenizers import Tokenizer
-
-            # A private copy without truncation or padding: documents are never cut here.
-            self.backend = Tokenizer.from_str(backend.to_str())
-            self.backend.no_truncation()
-            self.backend.no_padding()
-            self.tokenizer = None
-        else:
-            self.backend = None
-            self.tokenizer = tokenizer
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text with EOS appended (not doubled when the tokenizer already adds it)."""
-        if self.backend is not None:
-            ids = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
-        else:
-            ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-        for doc in ids:
-            if not doc or doc[-1] != self.eos:
-                doc.append(self.eos)
-        return ids
-
-
-def _batched(items, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-class TokenWriter:
-    """Appends documents' token ids to `<name>.tokens.bin` and their start offsets to `<name>.docs.bin`."""
-
-    def __init__(self, directory: Path, name: str, dtype) -> None:
-        import numpy as np
-
-        self.np = np
-        self.dtype = dtype
-        self.tokens = open(directory / f"{name}.tokens.bin", "wb")
-        self.docs = open(directory / f"{name}.docs.bin", "wb")
-        self.num_tokens = 0
-        self.num_docs = 0
-
-    def add(self, docs: list[list[int]]) -> None:
-        """Append a batch of tokenized documents."""
-        np = self.np
-        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        starts = self.num_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype, count=int(lengths.sum()))
-        self.tokens.write(flat.tobytes())
-        self.docs.write(starts.astype(np.int64).tobytes())
-        self.num_tokens += int(lengths.sum())
-        self.num_docs += len(docs)
-
-    def close(self) -> None:
-        """Flush and close both files."""
-        for f in (self.tokens, self.docs):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-
-
-def token_dtype(tokenizer):
-    """uint16 when every id fits, else uint32: half the disk and page cache for small vocabularies."""
-    import numpy as np
-
-    return np.uint16 if len(tokenizer) <= 65536 else np.uint32
 
 
 def cache_key(recipe, tokenizer) -> str:
@@ -311,69 +236,161 @@ def cache_key(recipe, tokenizer) -> str:
     })
 
 
-def _build(recipe, tokenizer, target: Path) -> dict:
-    """Tokenize train (and validation) sources into `target` (a fresh directory); return the metadata."""
-    data = recipe.data
-    dist.log(f"data: tokenizing {sources.source_names(data.train)[:120]} into the cache {target.parent}")
-    dtype = token_dtype(tokenizer)
-    encoder = DocumentEncoder(tokenizer)
-    started = time.perf_counter()
-    train = TokenWriter(target, "train", dtype)
-    validation = TokenWriter(target, "validation", dtype)
-    held = data.validation_fraction if not data.validation else 0.0
-    index = 0
-    texts = sources.iter_texts(
-        data.train, text_field=data.text_field, max_samples=data.max_samples, encoding_errors=data.encoding_errors
-    )
-    for batch in _batched(texts, ENCODE_BATCH):
-        docs = encoder.encode(batch)
-        if held:
-            keep = [held_out(index + i, held) for i in range(len(docs))]
-            train.add([d for d, k in zip(docs, keep, strict=True) if not k])
-            validation.add([d for d, k in zip(docs, keep, strict=True) if k])
-        else:
-            train.add(docs)
-        index += len(docs)
-    if data.validation:
-        held_texts = sources.iter_texts(data.validation, text_field=data.text_field, encoding_errors=data.encoding_errors)
-        for batch in _batched(held_texts, ENCODE_BATCH):
-            validation.add(encoder.encode(batch))
-    train.close()
-    validation.close()
-    seconds = time.perf_counter() - started
-    meta = {
-        "version": CACHE_VERSION,
-        "dtype": "uint16" if dtype.__name__ == "uint16" else "uint32",
-        "train": {"documents": train.num_docs, "tokens": train.num_tokens},
-        "validation": {"documents": validation.num_docs, "tokens": validation.num_tokens},
-        "sources": sources.describe(data.train),
-        "validation_sources": sources.describe(data.validation) if data.validation else None,
-        "validation_fraction": held,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round((train.num_tokens + validation.num_tokens) / max(seconds, 1e-9)),
-    }
-    if train.num_tokens == 0:
-        raise DataError(f"data.train: the corpus holds no text in field {data.text_field!r}")
-    dist.log(
-        f"data: tokenized {train.num_docs:,} documents ({train.num_tokens:,} tokens) "
-        f"in {seconds:.1f}s ({meta['tokens_per_s']:,} tokens/s)"
-    )
-    return meta
+CHUNK_CHARS = 8 << 20
+"""Documents are dealt to the tokenizing processes in consecutive chunks of about this many characters."""
 
 
-def prepare_cache(recipe, tokenizer, *, main_process: bool | None = None, poll_s: float = 2.0) -> Path:
-    """The cache entry holding this recipe's tokenized data, built on a miss by the local main process."""
-    check_lm_data(recipe)
-    root = cache_root(recipe.data)
-    name = cache_key(recipe, tokenizer)
-    entry, meta, hit = build_once(root, name, lambda tmp: _build(recipe, tokenizer, tmp), main_process=main_process, poll_s=poll_s)
-    if hit:
+def _chunked(documents: Iterator[tuple[str, str]], chunk_chars: int) -> Iterator[tuple[int, str, str]]:
+    """(chunk index, split, text): consecutive documents grouped into chunks of about chunk_chars characters."""
+    chunk = chars = 0
+    for split, text in documents:
+        yield chunk, split, text
+        chars += len(text)
+        if chars >= chunk_chars:
+            chunk, chars = chunk + 1, 0
+
+
+class LMBuild:
+    """Builds one pretraining cache entry: each process tokenizes every n-th chunk of documents, worker 0 merges.
+
+    The merged files are the chunks in corpus order, so the entry is the same byte for byte whatever
+    the number of processes (tests/test_data_scale.py checks 2 processes against 1).
+    """
+
+    def __init__(self, recipe, tokenizer, chunk_chars: int | None = None) -> None:
+        self.recipe, self.tokenizer, self.chunk_chars = recipe, tokenizer, chunk_chars or CHUNK_CHARS
+        self.dtype = token_dtype(tokenizer)
+        self.started = time.perf_counter()
+
+    def _documents(self) -> Iterator[tuple[str, str]]:
+        """(split, text) for every document: the training sources (less the held-out fraction), then data.validation."""
+        data = self.recipe.data
+        held = data.validation_fraction if not data.validation else 0.0
+        texts = sources.iter_texts(data.train, text_field=data.text_field, max_samples=data.max_samples, encoding_errors=data.encoding_errors)
+        for index, text in enumerate(texts):
+            yield ("validation" if held_out(index, held) else "train"), text
+        if data.validation:
+            for text in sources.iter_texts(data.validation, text_field=data.text_field, encoding_errors=data.encoding_errors):
+                yield "validation", text
+
+    def shard(self, tmp: Path, worker: int, workers: int) -> dict[str, Any]:
+        """Tokenize chunks worker, worker + workers, ... into `tmp` (the final files when there is one worker)."""
+        data = self.recipe.data
+        if worker == 0:
+            dist.log(f"data: tokenizing {sources.source_names(data.train)[:120]} into the cache {tmp.parent}"
+                     + (f" with {workers} processes" if workers > 1 else ""))
+        suffix = "" if workers == 1 else f".part{worker}"
+        writers = {split: TokenWriter(tmp, split + suffix, self.dtype) for split in ("train", "validation")}
+        encoder = DocumentEncoder(self.tokenizer)
+        mine = (((chunk, split), text) for chunk, split, text in _chunked(self._documents(), self.chunk_chars) if chunk % workers == worker)
+        rows: list[list[int]] = []  # [chunk, train tokens, train documents, validation tokens, validation documents]
+        for (chunk, split), ids, first in encoder.pieces(mine):
+            if not rows or rows[-1][0] != chunk:
+                rows.append([chunk, 0, 0, 0, 0])
+            writers[split].add_piece(ids, first)
+            column = 1 if split == "train" else 3
+            rows[-1][column] += len(ids)
+            rows[-1][column + 1] += int(first)
+        for writer in writers.values():
+            writer.close()
+        if encoder.unsplittable:
+            dist.log(f"data: {encoder.unsplittable} long document(s) had no cut that keeps this tokenizer's ids; tokenized whole")
+        return {"chunks": rows}
+
+    def merge(self, tmp: Path, parts: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+        """Join the workers' chunks in corpus order into train/validation files; the entry's metadata."""
+        import numpy as np
+
+        totals = {"train": [0, 0], "validation": [0, 0]}
+        if workers > 1:
+            rows = sorted((row for part in parts for row in part["chunks"]), key=lambda row: row[0])
+            for split, column in (("train", 1), ("validation", 3)):
+                out = TokenWriter(tmp, split, self.dtype)
+                inputs = [_part_arrays(tmp, f"{split}.part{k}", self.dtype) for k in range(workers)]
+                cursors = [[0, 0] for _ in range(workers)]  # (token, document) read so far in each part
+                for row in rows:
+                    k, (tokens, docs) = row[0] % workers, row[column : column + 2]
+                    part_tokens, part_docs = inputs[k]
+                    t, d = cursors[k]
+                    out.add_arrays(part_tokens[t : t + tokens], part_docs[d : d + docs] - t)
+                    cursors[k] = [t + tokens, d + docs]
+                out.close()
+                del inputs
+                for k in range(workers):
+                    for kind in ("tokens", "docs"):
+                        (tmp / f"{split}.part{k}.{kind}.bin").unlink()
+        for split in totals:
+            size = (tmp / f"{split}.tokens.bin").stat().st_size
+            totals[split] = [size // np.dtype(self.dtype).itemsize, (tmp / f"{split}.docs.bin").stat().st_size // 8]
+        data = self.recipe.data
+        if totals["train"][0] == 0:
+            raise DataError(f"data.train: the corpus holds no text in field {data.text_field!r}")
+        seconds = time.perf_counter() - self.started
+        all_tokens = totals["train"][0] + totals["validation"][0]
+        meta = {
+            "version": CACHE_VERSION,
+            "dtype": np.dtype(self.dtype).name,
+            "train": {"documents": totals["train"][1], "tokens": totals["train"][0]},
+            "validation": {"documents": totals["validation"][1], "tokens": totals["validation"][0]},
+            "sources": sources.describe(data.train),
+            "validation_sources": sources.describe(data.validation) if data.validation else None,
+            "validation_fraction": data.validation_fraction if not data.validation else 0.0,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "processes": workers,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(all_tokens / max(seconds, 1e-9)),
+        }
         dist.log(
-            f"data: tokenization cache hit, skipping tokenization: {entry} "
-            f"({meta['train']['tokens']:,} train tokens, {meta['validation']['tokens']:,} validation tokens)"
+            f"data: tokenized {totals['train'][1]:,} documents ({totals['train'][0]:,} tokens) "
+            f"in {seconds:.1f}s ({meta['tokens_per_s']:,} tokens/s{f', {workers} processes' if workers > 1 else ''})"
         )
-    return entry
+        return meta
+
+
+def _part_arrays(tmp: Path, stem: str, dtype):
+    """(tokens memory-mapped, document starts) of one worker's part files."""
+    import numpy as np
+
+    tokens_path = tmp / f"{stem}.tokens.bin"
+    tokens = np.memmap(tokens_path, dtype=dtype, mode="r") if tokens_path.stat().st_size else np.zeros(0, dtype=dtype)
+    return tokens, np.fromfile(tmp / f"{stem}.docs.bin", dtype=np.int64)
+
+
+def meta_stats(meta: dict[str, Any], split: str, seq_len: int) -> PackStats:
+    """The PackStats of a cache entry's split, from its metadata alone (before any file is opened)."""
+    tokens = meta[split]["tokens"]
+    return PackStats(meta[split]["documents"], tokens, seq_len, tokens // seq_len, tokens % seq_len)
+
+
+def prepare_caches(recipes: list, tokenizer, *, check=None, main_process: bool | None = None, poll_s: float = 2.0) -> list[Path]:
+    """The cache entries of several recipes' data (a mixture's sources), built together; `check(metas)` before publishing.
+
+    Under a launch of several processes, the processes of each machine tokenize shards in parallel
+    (llmkit/data/cache.py `build_shared`); a DataError from `check` leaves the cache as it was.
+    """
+    for recipe in recipes:
+        check_lm_data(recipe)
+    root = cache_root(recipes[0].data)
+    keys = [cache_key(recipe, tokenizer) for recipe in recipes]
+    unique = list(dict.fromkeys(keys))  # a source listed twice is tokenized once
+    builds = [(key, LMBuild(recipes[keys.index(key)], tokenizer)) for key in unique]
+    role = {} if main_process is None else {"worker": 0 if main_process else 1, "workers": 1}
+    checks = None if check is None else (lambda metas: check([metas[unique.index(key)] for key in keys]))
+    built = build_shared(root, builds, check=checks, poll_s=poll_s, **role)
+    results = [built[unique.index(key)] for key in keys]
+    for entry, meta, hit in built:
+        if hit:
+            dist.log(
+                f"data: tokenization cache hit, skipping tokenization: {entry} "
+                f"({meta['train']['tokens']:,} train tokens, {meta['validation']['tokens']:,} validation tokens)"
+            )
+    return [entry for entry, _, _ in results]
+
+
+def prepare_cache(recipe, tokenizer, *, check=None, main_process: bool | None = None, poll_s: float = 2.0) -> Path:
+    """The cache entry holding this recipe's tokenized data, built on a miss (in parallel under a launch)."""
+    checks = None if check is None else (lambda metas: check(metas[0]))
+    return prepare_caches([recipe], tokenizer, check=checks, main_process=main_process, poll_s=poll_s)[0]
 
 
 def open_cache(path: Path, split: str):
@@ -440,40 +457,37 @@ def mixture_train_data(recipe, tokenizer, world_size: int, positions: bool, coll
             extra={"mixture_weights": dict(zip(mix.labels, mix.shares, strict=True))},
         )
 
+    specs = [_with_data(recipe, train=[source], validation=extra, validation_fraction=0.0 if extra else held)
+             for source, extra in zip(mix.sources, mix.validation, strict=True)]
+    if data.validation:
+        # Cached like a one-source corpus; its "train" split is the validation text.
+        specs.append(_with_data(recipe, train=list(data.validation), validation=None, validation_fraction=0.0))
+
+    def check_sizes(metas: list[dict]) -> None:
+        """The mixture's size checks on the entries' metadata, before any is published (exit 2 leaves no cache)."""
+        found = [meta_stats(meta, "train", data.seq_len) for meta in metas[: len(mix.labels)]]
+        _check_mixture(recipe, mix, found, world_size, log=False)
+
+    paths = prepare_caches(specs, tokenizer, check=check_sizes)
     blocks, stats, entries = [], [], []
-    for index, (label, source, extra) in enumerate(zip(mix.labels, mix.sources, mix.validation, strict=True)):
-        path = prepare_cache(_with_data(recipe, train=[source], validation=extra, validation_fraction=0.0 if extra else held), tokenizer)
+    for label, path in zip(mix.labels, paths, strict=False):
         tokens, docs = open_cache(path, "train")
         part = PackedBlocks(tokens, docs, data.seq_len, positions=positions)
         stats.append(part.stats())
         dist.log(f"data: {stats[-1].line(label)}")
-        if len(part) == 0:
-            raise DataError(f"data.train.{index} ({label}): {stats[-1].tokens:,} tokens, not one block of data.seq_len {data.seq_len}; add text to it or remove it")
         blocks.append(part)
         entries.append(str(path))
         val_tokens, val_docs = open_cache(path, "validation")
         if len(val_tokens):
             val_parts.append((label, PackedBlocks(val_tokens, val_docs, data.seq_len, positions=positions, keep_partial=True, pad_id=pad_id)))
     if data.validation:
-        # Cached like a one-source corpus; its "train" split is the validation text.
-        path = prepare_cache(_with_data(recipe, train=list(data.validation), validation=None, validation_fraction=0.0), tokenizer)
-        tokens, docs = open_cache(path, "train")
+        tokens, docs = open_cache(paths[-1], "train")
         val_parts.append(("", PackedBlocks(tokens, docs, data.seq_len, positions=positions, keep_partial=True, pad_id=pad_id)))
     elif held and not val_parts:
         raise DataError("data.validation_fraction: no validation text was held out of any source; raise it or give data.validation")
     for label, part in val_parts:
         dist.log("data: " + part.stats().line(f"validation ({label or 'data.validation'})"))
-
-    order = mixture.MixtureOrder([len(b) for b in blocks], mix.shares)
-    total = PackStats(sum(s.documents for s in stats), sum(s.tokens for s in stats), data.seq_len, order.epoch_size, sum(s.dropped_tokens for s in stats))
-    check_blocks(total, recipe, world_size)
-    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world_size  # blocks per optimizer step, all processes
-    per_epoch = order.epoch_size // per_step * per_step  # blocks of a mixture epoch that fill whole steps
-    report = mixture.cached_report(mix, order, cfg.seed, data.seq_len, per_epoch)
-    planned = report(cfg.planned_steps(data.seq_len, world_size) * per_step)
-    for line in mixture.report_lines(planned, "plans"):
-        dist.log(line)
-    mixture.check_repeats(planned, data.mixture_repeat)
+    order, planned, report = _check_mixture(recipe, mix, stats, world_size, log=True)
     validation, ranges = _validation_set(val_parts)
     return TrainData(
         train=ConcatBlocks(blocks), collate_fn=collate, batch_order=order, validation=validation, validation_parts=ranges,
@@ -481,3 +495,25 @@ def mixture_train_data(recipe, tokenizer, world_size: int, positions: bool, coll
         description=f"mixture of {len(mix.labels)} sources ({shares}): {order.epoch_size:,} blocks of {data.seq_len} tokens per mixture epoch",
         extra={"pack_stats": {label: asdict(st) for label, st in zip(mix.labels, stats, strict=True)}, "cache": entries, "mixture_plan": planned},
     )
+
+
+def _check_mixture(recipe, mix, stats: list[PackStats], world_size: int, log: bool):
+    """(order, planned report, report function) of a cached mixture; DataError when a source or the whole is too small."""
+    data, cfg = recipe.data, recipe.train
+    for index, (label, st) in enumerate(zip(mix.labels, stats, strict=True)):
+        if st.blocks == 0:
+            raise DataError(f"data.train.{index} ({label}): {st.tokens:,} tokens, not one block of data.seq_len {data.seq_len}; add text to it or remove it")
+    order = mixture.MixtureOrder([st.blocks for st in stats], mix.shares)
+    total = PackStats(sum(s.documents for s in stats), sum(s.tokens for s in stats), data.seq_len, order.epoch_size, sum(s.dropped_tokens for s in stats))
+    check_blocks(total, recipe, world_size)
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world_size  # blocks per optimizer step, all processes
+    per_epoch = order.epoch_size // per_step * per_step  # blocks of a mixture epoch that fill whole steps
+    report = mixture.cached_report(mix, order, cfg.seed, data.seq_len, per_epoch)
+    planned = report(cfg.planned_steps(data.seq_len, world_size) * per_step)
+    if log:
+        for line in mixture.report_lines(planned, "plans"):
+            dist.log(line)
+        mixture.check_repeats(planned, data.mixture_repeat)
+    elif data.mixture_repeat == "error":
+        mixture.check_repeats(planned, data.mixture_repeat)
+    return order, planned, report
