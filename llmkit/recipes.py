@@ -42,11 +42,17 @@ _SCIENTIFIC = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
 
 
 def _whole_number(value: Any) -> Any:
-    """Let a count be written 1e6 or 2.5e9: YAML reads those as a string or a float, not an int."""
+    """Let a count be written 1e6 or 2.5e9: YAML reads those as a string or a float, not an int.
+
+    Parsed as an exact decimal, not through a float: 1e30 is 10**30, not 1000000000000000019884624838656.
+    """
+    from decimal import Decimal
+
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-        value = float(value)
+        exact = Decimal(value.strip())
+        return int(exact) if exact == exact.to_integral_value() else value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        return int(Decimal(repr(value)))
     return value  # anything else is left to the int check, which names the key
 
 
@@ -414,6 +420,24 @@ class TrainConfig(Section):
         return self.max_steps or -(-self.max_tokens // tokens_per_step)
 
 
+MAX_STEPS = 10**12
+"""More optimizer steps than any run takes (a million steps a second for ten days): a budget above is a typo."""
+
+
+def check_step_count(train: TrainConfig, seq_len: int) -> None:
+    """ValueError when the budget means more than MAX_STEPS optimizer steps (counted for one process, the most)."""
+    steps = train.planned_steps(seq_len)
+    if steps <= MAX_STEPS:
+        return
+    if train.max_tokens is not None:
+        per_step = train.micro_batch_size * train.grad_accum_steps * seq_len
+        raise ValueError(
+            f"train.max_tokens ({train.max_tokens:.3g}) is {steps:.3g} optimizer steps of {per_step:,} tokens "
+            f"(micro_batch_size x grad_accum_steps x data.seq_len), more than any run ({MAX_STEPS:.0e} steps); lower it"
+        )
+    raise ValueError(f"train.max_steps ({steps:.3g}) is more than any run takes ({MAX_STEPS:.0e} steps); lower it")
+
+
 def wsd_decay_steps(max_steps: int, decay_fraction: float) -> int:
     """Steps in the final decay of the wsd schedule: decay_fraction of max_steps, at least one."""
     return max(1, round(decay_fraction * max_steps))
@@ -448,6 +472,7 @@ class PretrainRecipe(Section):
     def _check_model(self) -> PretrainRecipe:
         if (self.model.type is None) == (self.model.path is None):
             raise ValueError("give exactly one of model.type (from scratch) or model.path (continued pretraining)")
+        check_step_count(self.train, self.data.seq_len)
         return self
 
 
@@ -647,6 +672,7 @@ class FinetuneRecipe(Section):
                 "train.optimizer: muon orthogonalizes whole weight matrices; LoRA adapters are low-rank factors, "
                 "so use train.optimizer: adamw with lora.enabled (or full fine-tuning with muon)"
             )
+        check_step_count(self.train, self.data.seq_len)
         return self
 
 

@@ -319,3 +319,66 @@ def test_a_build_that_finds_an_intact_entry_published_keeps_it(tmp_path, tokeniz
     _publish(late, entry, {"late": True})
     assert (entry / "train.tokens.bin").stat().st_ino == inode and "late" not in json.loads((entry / "meta.json").read_text())
     assert not late.exists() and int(mapped[-1]) == tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume on changed data (N1), absurd budgets (N9)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["cached", "streamed-mixture"])
+def test_a_resume_whose_training_file_changed_exits_2_naming_it(tmp_path, tokenizer_dir, layout):
+    from tests.pretrain_helpers import recipe_dict
+
+    a = write_corpus(tmp_path, docs=24, name="a.jsonl")
+    b = write_corpus(tmp_path, docs=24, name="b.jsonl", offset=24)
+    recipe = recipe_dict(tmp_path, tokenizer_dir, a, train={"max_steps": 4, "save_every": 2, "eval_every": 100})
+    changed = a
+    if layout == "streamed-mixture":
+        recipe["data"].update(train=[{"path": str(a), "weight": 0.7}, {"path": str(b), "weight": 0.3}], streaming=True)
+        changed = b
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert cli("pretrain", str(path)).exit_code == 0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert str(changed.resolve()) in state["data_fingerprint"]["files"]
+    # The same data: raising the budget of the finished run trains on from its checkpoint.
+    assert cli("pretrain", str(path), "--set", "train.max_steps=6").exit_code == 0
+    lines = changed.read_text(encoding="utf-8").splitlines(keepends=True)
+    changed.write_text("".join(lines[: len(lines) // 2]), encoding="utf-8")  # halved between the runs
+    cache = tmp_path / "cache"
+    before = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    result = cli("pretrain", str(path), "--set", "train.max_steps=8")
+    assert result.exit_code == 2, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert str(changed.resolve()) in message and "changed since the checkpoint" in message
+    assert "restore the data" in message and "--overwrite" in message
+    assert (sorted(p.name for p in cache.iterdir()) if cache.exists() else []) == before  # nothing tokenized for it
+    assert not (tmp_path / "run" / "checkpoints" / "step-00000008").exists()
+
+
+def test_an_absurd_token_budget_is_refused_and_counts_are_exact(tmp_path, tokenizer_dir, corpus):
+    from llmkit.recipes import recipe_from_dict
+    from tests.pretrain_helpers import recipe_dict
+
+    recipe = recipe_dict(tmp_path, tokenizer_dir, corpus)
+    recipe["train"].pop("max_steps")
+    recipe["train"]["max_tokens"] = "1.23456789012345e14"
+    assert recipe_from_dict(recipe, stage="pretrain").train.max_tokens == 123456789012345  # exact: not through a float
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = cli("validate", str(path), "--set", "train.max_tokens=1e30")
+    assert result.exit_code == 2
+    assert "train.max_tokens (1e+30)" in result.output and "more than any run" in result.output
+
+
+def test_a_budget_of_many_epochs_is_stated_with_a_warning(tmp_path, tokenizer_dir, tokenizer, corpus, capsys):
+    from llmkit.data.lm import lm_train_data
+
+    blocks = len(lm_train_data(_recipe(tmp_path, tokenizer_dir, corpus), tokenizer, world_size=1).train)
+    err = capsys.readouterr().err
+    assert "epochs of the corpus" in err and "warning" not in err
+    recipe = _recipe(tmp_path, tokenizer_dir, corpus).model_copy(update={"train": _recipe(tmp_path, tokenizer_dir, corpus).train.model_copy(update={"max_steps": 5000})})
+    lm_train_data(recipe, tokenizer, world_size=1)
+    err = capsys.readouterr().err
+    expected = 5000 * 2 / blocks  # 5,000 steps of micro_batch_size 2
+    assert f"warning: the run's 5,000 steps read 10,000 blocks, {expected:,.2f} epochs of the corpus ({blocks:,} blocks)" in err
+    assert "add data or lower train.max_steps" in err

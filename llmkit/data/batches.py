@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.errors import DataError
+
 BatchOrder = Callable[[int, int, int], list[list[int]]]
 """`batch_order(seed, epoch, micro_batch_size) -> micro-batches`: lists of example indices, in order.
 
@@ -67,6 +69,8 @@ class TrainData:
     objective:       optional `objective(accelerator, model, cfg) -> Objective` (llmkit/training/loss.py):
                      what a step minimises when it is not the next-token NLL of the labels (preference
                      pairs: llmkit/training/preference.py). Default: the summed NLL per scored token.
+    fingerprint:     optional {"files": {path: size and mtime}, "cache": [entry names]} of the training
+                     data; saved in every checkpoint, and a resume whose data differ is refused.
     """
 
     train: Sequence[Example] | None
@@ -80,6 +84,30 @@ class TrainData:
     validation_parts: list[tuple[str, int, int]] | None = None
     report: Callable[[int, Position | None], dict[str, Any]] | None = None
     objective: Callable[..., Any] | None = None
+    fingerprint: dict[str, Any] | None = None
+
+
+def check_same_data(saved: dict[str, Any] | None, now: dict[str, Any] | None, checkpoint) -> None:
+    """DataError when the training data differ from those the checkpoint was trained on (N files named)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("files"), dict) or not now:
+        return  # a checkpoint of an older llmkit, or data without a fingerprint
+    was, is_ = saved["files"], now.get("files", {})
+    changed = [p for p in is_ if p in was and was[p] != is_[p]]
+    added, removed = [p for p in is_ if p not in was], [p for p in was if p not in is_]
+    fix = ("restore the data it was trained on to resume, or start the run again on the new data with --overwrite "
+           "(or give another output_dir)")
+    if changed:
+        what = f"{changed[0]} changed since the checkpoint {checkpoint} was written (now {is_[changed[0]]}; then {was[changed[0]]})"
+    elif removed:
+        what = f"{removed[0]} was part of the training data of the checkpoint {checkpoint} and is gone"
+    elif added:
+        what = f"{added[0]} is new: the checkpoint {checkpoint} was not trained with it"
+    elif "cache" in saved and "cache" in now and saved["cache"] != now["cache"]:
+        what = f"the tokenized training data differ from those of the checkpoint {checkpoint} (cache {now.get('cache')}, then {saved.get('cache')})"
+    else:
+        return
+    more = len(changed) + len(added) + len(removed) - 1
+    raise DataError(f"data.train: {what}{f' (and {more} more files)' if more > 0 else ''}; {fix}")
 
 
 def shuffled_batch_order(num_examples: int) -> BatchOrder:

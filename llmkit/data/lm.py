@@ -68,6 +68,12 @@ def check_lm_data(recipe) -> None:
         sources.check_sources(data.validation)
 
 
+def training_files(recipe) -> dict[str, Any]:
+    """The part of TrainData.fingerprint known before tokenizing: each training file's size and mtime."""
+    data = recipe.data
+    return {"files": sources.file_states(mixture.mixture_of(data).sources if data.is_mixture else data.train)}
+
+
 def check_blocks(stats: PackStats, recipe, world_size: int = 1) -> None:
     """DataError when the corpus cannot fill one optimizer step."""
     train = recipe.train
@@ -177,6 +183,7 @@ def lm_train_data(recipe, tokenizer, world_size: int | None = None):
             collate_fn=collate,
             validation=validation,
             description=f"streaming {data.train} in {data.seq_len}-token blocks (corpus order)",
+            fingerprint={"files": sources.file_states(data.train)},
         )
     # The block count is checked before the entry is published: a corpus too small to train leaves no cache behind.
     path = prepare_cache(recipe, tokenizer, check=lambda meta: check_blocks(meta_stats(meta, "train", data.seq_len), recipe, world_size))
@@ -185,6 +192,7 @@ def lm_train_data(recipe, tokenizer, world_size: int | None = None):
     stats = train.stats()
     dist.log("data: " + stats.line("train"))
     check_blocks(stats, recipe, world_size)
+    _log_epochs(recipe, stats.blocks, world_size)
     validation = None
     val_tokens, val_docs = open_cache(path, "validation")
     if len(val_tokens):
@@ -199,7 +207,22 @@ def lm_train_data(recipe, tokenizer, world_size: int | None = None):
         validation=validation,
         description=f"{stats.blocks:,} blocks of {data.seq_len} tokens ({stats.tokens:,} tokens)",
         extra={"pack_stats": asdict(stats), "cache": str(path)},
+        fingerprint={"files": sources.file_states(data.train), "cache": [path.name]},
     )
+
+
+def _log_epochs(recipe, blocks: int, world_size: int) -> None:
+    """Say how many passes over the corpus the budget means; a warning above one (blocks then repeat)."""
+    cfg = recipe.train
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world_size
+    steps = cfg.planned_steps(recipe.data.seq_len, world_size)
+    epochs = steps * per_step / max(blocks, 1)
+    line = f"the run's {steps:,} steps read {steps * per_step:,} blocks, {epochs:,.2f} epochs of the corpus ({blocks:,} blocks)"
+    if epochs > 1:
+        budget = "train.max_tokens" if cfg.max_tokens is not None else "train.max_steps"
+        dist.log(f"warning: {line}; every block is trained about {epochs:,.0f} times: add data or lower {budget}")
+    else:
+        dist.log(f"data: {line}")
 
 
 def _memory_blocks(recipe, tokenizer, source_list, positions: bool, pad_id: int) -> PackedBlocks:
@@ -455,6 +478,7 @@ def mixture_train_data(recipe, tokenizer, world_size: int, positions: bool, coll
             validation=validation, validation_parts=ranges, report=mixture.stream_report(mix, cfg.seed, data.seq_len),
             description=f"streaming a mixture of {len(mix.labels)} sources ({shares}) in {data.seq_len}-token blocks",
             extra={"mixture_weights": dict(zip(mix.labels, mix.shares, strict=True))},
+            fingerprint={"files": sources.file_states(mix.sources)},
         )
 
     specs = [_with_data(recipe, train=[source], validation=extra, validation_fraction=0.0 if extra else held)
@@ -494,6 +518,7 @@ def mixture_train_data(recipe, tokenizer, world_size: int, positions: bool, coll
         report=report,
         description=f"mixture of {len(mix.labels)} sources ({shares}): {order.epoch_size:,} blocks of {data.seq_len} tokens per mixture epoch",
         extra={"pack_stats": {label: asdict(st) for label, st in zip(mix.labels, stats, strict=True)}, "cache": entries, "mixture_plan": planned},
+        fingerprint={"files": sources.file_states(mix.sources), "cache": [Path(e).name for e in entries]},
     )
 
 

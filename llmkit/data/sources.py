@@ -139,6 +139,22 @@ def fingerprint(sources: Sources, **settings: Any) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def file_states(sources: Sources) -> dict[str, str]:
+    """{source file or name: "SIZE bytes, mtime NS"}: what a checkpoint records to tell that its training data changed."""
+    states: dict[str, str] = {}
+    for source in _normalise(sources):
+        if isinstance(source, HubSource) or source.startswith("hub:"):
+            hub = _as_hub(source)
+            states[f"hub:{hub.hub}"] = json.dumps(hub.model_dump(mode="json"), sort_keys=True)
+        elif source.startswith("builtin:"):
+            states[source] = f"{BUILTIN_LAYOUT} Python {platform.python_version()}"
+        else:
+            for path in _expand(source):
+                stat = path.stat()
+                states[str(path.resolve())] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
+    return states
+
+
 def describe(sources: Sources) -> str:
     """One line describing the sources: files and sizes, built-in corpora, hub datasets."""
     out = []

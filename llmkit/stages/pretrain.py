@@ -12,18 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 from llmkit import dist, models, rundir
-from llmkit.data.lm import check_lm_data, lm_train_data
+from llmkit.data.batches import check_same_data
+from llmkit.data.lm import check_lm_data, lm_train_data, training_files
 from llmkit.data.splits import builtin_validation_warning
 from llmkit.evals.training import training_evals
 from llmkit.recipes import PretrainRecipe
 from llmkit.scaling.shapes import sized_recipe
+from llmkit.training import checkpoints
 from llmkit.training.loop import check_launch, fit
 
 
 def check(recipe: PretrainRecipe, overwrite: bool = False) -> None:
     """Checks that read no weights and no data: the run directory and the data sources."""
-    check_launch(recipe, rundir.check_run_dir(recipe, overwrite=overwrite))
+    resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
+    check_launch(recipe, resume_from)
     check_lm_data(recipe)
+    if resume_from is not None:
+        # Before tokenizing: changed training files are refused without building a cache entry for them.
+        saved = checkpoints.read_trainer_state(resume_from).get("data_fingerprint")
+        check_same_data(saved, training_files(recipe), resume_from)
     warning = builtin_validation_warning(recipe.data)
     if warning:
         dist.log(warning)

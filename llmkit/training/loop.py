@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit import dist, errors, rundir
-from llmkit.data.batches import TrainData
+from llmkit.data.batches import TrainData, check_same_data
 from llmkit.data.mixture import report_lines
 from llmkit.errors import Interrupted, RecipeError, TrainingError
 from llmkit.models import (
@@ -84,6 +84,7 @@ class TrainState:
     # rerun) after its last log line still reports it in summary.json.
     train_loss: float | None = None
     max_steps: int | None = None  # the schedule's length when the checkpoint was written (None: older checkpoints)
+    data_fingerprint: dict | None = None  # the training files and cache entries (TrainData.fingerprint)
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
@@ -315,6 +316,8 @@ def _setup(recipe, model, data: TrainData, overwrite: bool) -> Run:
         # A checkpoint is resumed only by the distributed kind and process count that wrote it.
         checkpoints.check_layout(resume_from, layout)
     state = TrainState.from_checkpoint(checkpoints.read_trainer_state(resume_from)) if resume_from else TrainState()
+    check_same_data(state.data_fingerprint, data.fingerprint, resume_from)  # changed training files: refuse, name the file
+    state.data_fingerprint = data.fingerprint
     batches = MicroBatches(data, cfg, accelerator.process_index, world, accelerator.device, state.step, state.stream_position)
     # Measured before seeding: the probe must not consume the RNG streams that resume restores (and
     # before writing: a malformed LLMKIT_PEAK_FLOPS is bad input).
