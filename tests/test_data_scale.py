@@ -37,9 +37,9 @@ def _texts() -> list[str]:
     import pydoc_data.topics
 
     topics = [text for _, text in sorted(pydoc_data.topics.topics.items())]
-    long = "\n\n".join(topics[:60])  # ~200 KB: split many times at piece_chars=2000
+    long = "\n\n".join(topics[:12])  # ~60 KB: split many times at piece_chars=2000
     odd = ("字符串" * 900) + " tail words\n" + ("x" * 5000) + "  two  spaces\tand\ttabs \n\n\nend " * 40
-    return [long, topics[61], odd, "short", long[:30_000] + " <|eos|> and more"]
+    return [long, topics[61], odd, "short", long[:12_000] + " <|eos|> and more"]
 
 
 def _train(kind: str):
@@ -103,7 +103,7 @@ def test_split_documents_tokenize_token_for_token_like_whole_ones(kind):
         ids = tokenizer(text)["input_ids"]
         expected.append(ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id])
     assert docs == expected
-    assert pieces > 100  # the long documents really were split
+    assert pieces > 30  # the long documents really were split
     # Tokenizer calls hold at most batch_chars characters, or one piece longer than that: the 5,000-character
     # run of "x" has no cut, so the piece holding it (up to the next verified cut) is longer than piece_chars.
     longest_piece = max(len(p) for t in texts for p in encoder.split(t))

@@ -185,7 +185,7 @@ def _wait_for(entry: Path, failed: Path, started: float, poll_s: float) -> dict[
     """Poll until `entry` is published; DataError when its builder of this launch failed."""
     while (meta := read_meta(entry)) is None:
         if _mtime(failed) >= started:
-            raise DataError(f"data: the process building the cache {entry} failed; see its error")
+            raise DataError(f"data: the main process failed to build the cache {entry}; see its error")
         time.sleep(poll_s)
     return meta
 
@@ -394,7 +394,7 @@ def _wait_for_claim(root: Path, names: list[str], claim: Path, failed: list[Path
             return
         for marker, name in zip(failed, names, strict=True):
             if _mtime(marker) >= started:
-                raise DataError(f"data: the process building the cache {root / name} failed; see its error")
+                raise DataError(f"data: the main process failed to build the cache {root / name}; see its error")
         time.sleep(poll_s)
 
 
@@ -417,7 +417,7 @@ def _help(root, builds, claim: Path, failed: list[Path], started: float, worker:
             if read_meta(root / name) is not None:
                 break
             if _mtime(marker) >= started:
-                raise DataError(f"data: the process building the cache {root / name} failed; see its error")
+                raise DataError(f"data: the main process failed to build the cache {root / name}; see its error")
             content = _read_claim(claim)
             if (content and content.get("node") == me["node"] and content.get("launcher") == me["launcher"]
                     and worker < content.get("workers", 0) and name in content.get("dirs", {})):

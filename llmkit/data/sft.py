@@ -58,9 +58,9 @@ def require_eos(tokenizer, where: str = "tokenizer") -> int:
     return int(eos)
 
 
-CACHE_LAYOUT = 3
+CACHE_LAYOUT = 4
 """Bump when the tokenized-example format changes, so old caches are not reused (2: the shared cache;
-3: chat replies end with the template's end-of-turn token, every assistant turn trained)."""
+3: chat replies end with the template's end-of-turn token, every assistant turn trained; 4: checksums in meta.json)."""
 
 
 def load_located_records(sources, max_samples: int | None = None, encoding_errors: str = "strict") -> list[tuple[str, dict]]:
