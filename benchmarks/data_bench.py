@@ -3,6 +3,7 @@
     python benchmarks/data_bench.py                             # 0.05, 0.5 and 2 GB corpora, 1 run each
     python benchmarks/data_bench.py --sizes 0.05,0.5 --repeats 3
     python benchmarks/data_bench.py --sizes 0.05 --before /tmp/llmkit-old   # also an older llmkit checkout
+    python benchmarks/data_bench.py --corpus big-records.jsonl --corpus book.txt --sides llmkit   # your own files
 
 Corpus: JSONL built from text already on the machine, nothing downloaded: Python sources of the
 standard library and of the installed packages, /usr/share/doc files and man pages (decompressed),
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--sides", default="llmkit,hf-map", help="Which of llmkit, before, hf-map to run.")
     parser.add_argument("--before", help="An older llmkit checkout (adds the 'before' side).")
     parser.add_argument("--workdir", help="Keep corpora and tokenizer here (reused across invocations).")
+    parser.add_argument("--corpus", action="append", help="Benchmark this file (.jsonl or .txt) instead of the built corpora; repeatable.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,11 +168,12 @@ def main() -> None:
     texts: list[str] = []
     print(f"CPUs: {os.cpu_count()}, load average at start: {os.getloadavg()[0]:.1f}; seq_len {args.seq_len}", flush=True)
     print("| corpus | side | wall s (median) | peak RSS MB (median) | cache MB | runs |\n|---|---|---|---|---|---|", flush=True)
-    for size_gb in (float(s) for s in args.sizes.split(",")):
-        corpus = workdir / f"corpus-{size_gb:g}GB.jsonl"
+    corpora = [Path(c).resolve() for c in args.corpus] if args.corpus else [workdir / f"corpus-{float(s):g}GB.jsonl" for s in args.sizes.split(",")]
+    for corpus in corpora:
         if not corpus.is_file():
             texts = texts or local_texts(400_000_000)
-            build_corpus(corpus, int(size_gb * 1e9), texts)
+            build_corpus(corpus, int(float(corpus.stem.split("-")[1].removesuffix("GB")) * 1e9), texts)
+        size_gb = corpus.stat().st_size / 1e9
         results: dict[str, list[dict]] = {side: [] for side in sides}
         for repeat in range(args.repeats):
             order = sides if repeat % 2 == 0 else sides[::-1]
@@ -181,12 +184,12 @@ def main() -> None:
                 started = time.time()
                 results[side].append(measure(side, cfg, workdir, args.before))
                 r = results[side][-1]
-                print(f"  {size_gb:g} GB {side} repeat {repeat + 1}: {r['seconds']:.1f}s, {r['peak_rss_mb']:,.0f} MB peak, "
+                print(f"  {corpus.name} {side} repeat {repeat + 1}: {r['seconds']:.1f}s, {r['peak_rss_mb']:,.0f} MB peak, "
                       f"cache {r['cache_mb']:,.0f} MB (load {os.getloadavg()[0]:.1f}, {time.time() - started:.0f}s)",
                       file=sys.stderr, flush=True)
                 subprocess.run(["rm", "-rf", str(cache)], check=True)
         for side, rs in results.items():
-            print(f"| {corpus.stat().st_size / 1e9:.2f} GB | {side} | {statistics.median(r['seconds'] for r in rs):.1f} | "
+            print(f"| {corpus.name}, {size_gb:.3f} GB | {side} | {statistics.median(r['seconds'] for r in rs):.1f} | "
                   f"{statistics.median(r['peak_rss_mb'] for r in rs):,.0f} | {statistics.median(r['cache_mb'] for r in rs):,.0f} | {len(rs)} |",
                   flush=True)
 
