@@ -352,6 +352,7 @@ def docchat_records() -> tuple[tuple[str, dict], ...]:
             {"role": "assistant", "content": record["summary"]},
         ]
         out.append((split, {"id": name, "messages": messages, "tools": [LOOKUP_DOCS_TOOL]}))
+    return tuple(out)
 
 
 DOCSUM_PREF_TEMPLATE = "Summarize the following text.\n\n{document}\n\nSummary:\n"
