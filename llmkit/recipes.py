@@ -786,7 +786,7 @@ class ChoiceSpec(Section):
 
 
 MetricName = Literal[
-    "perplexity", "rouge", "accuracy", "exact_match", "bleu", "multiple_choice", "cloze", "generative",
+    "perplexity", "rouge", "accuracy", "exact_match", "bleu", "multiple_choice", "cloze", "generative", "preference",
 ]  # fmt: skip
 """The evaluators of llmkit/evals/ (its EVALUATORS registry holds one entry per name)."""
 
@@ -882,6 +882,14 @@ class AnswerSpec(Section):
         return self
 
 
+class PreferenceEvalSpec(Section):
+    """Options of the preference metric (accuracy and margin on {prompt, chosen, rejected} pairs)."""
+
+    reference: str | None = Field(
+        None, description="Model directory to measure margins against (DPO's log-ratios); null = reference-free log-prob margins."
+    )
+
+
 class EvalTask(Section):
     """One evaluation: metrics on test records, with the options of their evaluators (an eval recipe, a suite entry or a train.evals entry)."""
 
@@ -898,6 +906,7 @@ class EvalTask(Section):
     choice: ChoiceSpec = Field(default_factory=ChoiceSpec)
     answer: AnswerSpec = Field(default_factory=AnswerSpec)
     prompt: PromptSpec = Field(default_factory=PromptSpec)
+    preference: PreferenceEvalSpec = Field(default_factory=PreferenceEvalSpec)
     chance: float | None = Field(
         None, ge=0, lt=1, description="Accuracy of a blind guess, for the suite's centered accuracy (default: mean 1/choices; 0 for generative)."
     )

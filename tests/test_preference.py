@@ -108,6 +108,25 @@ def test_dpo_run_raises_heldout_accuracy_and_margin(tmp_path, tiny_model_dir, pr
     assert tuned["preference_accuracy"] == final["val_pref_accuracy"] and tuned["pairs"] == 4
     assert 0.1 * tuned["preference_margin"] == pytest.approx(final["val_reward_margin"], abs=1e-4)  # reward = beta * log-ratio
 
+    # `llmkit eval` with metrics [preference] gives the same numbers, against the reference and without one.
+    from llmkit.stages.evaluate import run as evaluate
+
+    test = write_jsonl(tmp_path / "heldout.jsonl", style_pairs(WORDS[12:]))
+    eval_recipe = {"stage": "eval", "model": {"path": str(run)}, "data": {"test": str(test), "seq_len": 64}, "metrics": ["preference"]}
+    against = evaluate(recipe_from_dict({**eval_recipe, "output_dir": str(tmp_path / "ev-ref"), "preference": {"reference": str(tiny_model_dir)}}))
+    scored = json.loads((tmp_path / "ev-ref" / "metrics.json").read_text())["metrics"]
+    assert against and scored["preference_accuracy"] == tuned["preference_accuracy"] and scored["pairs"] == 4
+    assert scored["preference_margin"] == pytest.approx(tuned["preference_margin"], abs=1e-5)
+    evaluate(recipe_from_dict({**eval_recipe, "output_dir": str(tmp_path / "ev-free")}))
+    free = json.loads((tmp_path / "ev-free" / "metrics.json").read_text())["metrics"]
+    model = AutoModelForCausalLM.from_pretrained(run)
+    expected = [
+        _sequence_logp(model, p["prompt"] + p["chosen"], len(p["prompt"])) - _sequence_logp(model, p["prompt"] + p["rejected"], len(p["prompt"]))
+        for p in pairs
+    ]
+    assert free["preference_margin"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert free["preference_accuracy"] == sum(m > 0 for m in expected) / len(expected)
+
 
 # ----------------------------------------------------------------------------------------------
 # Each loss equals an independent computation from a plain transformers forward pass

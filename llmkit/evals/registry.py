@@ -14,6 +14,7 @@ from llmkit.evals.choice import MultipleChoiceEvaluator
 from llmkit.evals.cloze import ClozeEvaluator
 from llmkit.evals.generative import GenerativeEvaluator
 from llmkit.evals.perplexity import PerplexityEvaluator
+from llmkit.evals.preference import PreferenceEvaluator
 from llmkit.evals.task_generation import TaskGenerationEvaluator
 from llmkit.recipes import EvalTask
 
@@ -26,6 +27,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "multiple_choice": MultipleChoiceEvaluator,
     "cloze": ClozeEvaluator,
     "generative": GenerativeEvaluator,
+    "preference": PreferenceEvaluator,
 }
 
 
