@@ -1214,8 +1214,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise RecipeError(f"--set {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
             node = child
         node[keys[-1]] = value
-    _one_budget(data, {tuple(parse_override(item)[0]) for item in overrides})
+    overridden = {tuple(parse_override(item)[0]) for item in overrides}
+    _one_budget(data, overridden)
+    _one_size(data, overridden)
     return data
+
+
+SIZE_KEYS = frozenset({
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim",
+    "n_layer", "n_embd", "n_head", "n_inner",
+})  # fmt: skip
+"""model.* keys that give a shape by hand, for every family the size dial knows (llmkit/scaling/shapes.py checks it)."""
+
+
+def _one_size(data: dict[str, Any], overridden: set[tuple[str, ...]]) -> None:
+    """A --set of the size dial (model.target_params or model.depth) replaces the shape the recipe file gives.
+
+    Bundled pretraining recipes spell out their shape, so without this `--set model.target_params=20e6`
+    alone would contradict them; shape keys also given with --set stay and must agree with the dial.
+    """
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return
+    if not any(("model", k) in overridden and model.get(k) is not None for k in ("target_params", "depth")):
+        return
+    for key in SIZE_KEYS & set(model):
+        if ("model", key) not in overridden:
+            model.pop(key)
 
 
 BUDGET_KEYS = ("max_steps", "max_tokens")

@@ -114,6 +114,27 @@ def test_validate_prints_the_three_conventions_and_the_dial(tmp_path, tokenizer_
     assert "num_hidden_layers:" in result.stdout  # the resolved recipe names the sizes training builds
 
 
+def test_the_dial_given_with_set_replaces_the_recipe_files_shape(tmp_path, tokenizer_dir, corpus):
+    from llmkit.recipes import SIZE_KEYS, load_recipe
+
+    data = _pretrain(tmp_path, tokenizer_dir, corpus, num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    path = write_recipe(tmp_path / "r.yaml", data)
+    alone = load_recipe(path, ["model.target_params=1.5e6"], stage="pretrain")
+    assert not SIZE_KEYS & set(alone.model.config_overrides)  # no `null` overrides needed for the file's sizes
+    assert alone.model.config_overrides["max_position_embeddings"] == 64  # not a size key: kept
+    sized = shapes.choose(alone, 512)
+    assert abs(sized.counts["non_embedding"] / 1.5e6 - 1) < shapes.TOLERANCE
+    kept = load_recipe(path, ["model.target_params=1.5e6", "model.num_hidden_layers=8"], stage="pretrain")
+    assert kept.model.config_overrides["num_hidden_layers"] == 8 and "hidden_size" not in kept.model.config_overrides
+    assert shapes.choose(kept, 512).shape.layers == 8
+    plain = load_recipe(path, ["train.lr=1e-3"], stage="pretrain")  # without the dial the file's shape stands
+    assert plain.model.config_overrides["hidden_size"] == 64
+    for family in shapes.FAMILIES:  # every key the dial sizes is one --set of the dial drops
+        for model_type in family.types:
+            assert shapes.size_keys(model_type) <= SIZE_KEYS, model_type
+
+
 def test_size_dial_needs_model_type(tmp_path, tokenizer_dir, corpus):
     data = _pretrain(tmp_path, tokenizer_dir, corpus)
     data["model"] = {"path": "runs/x", "target_params": 1000}
