@@ -21,8 +21,11 @@ generation time is token for token the prompt the model was trained on:
 from __future__ import annotations
 
 import json
+import signal
 import string
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -417,12 +420,66 @@ def _format_chat(messages: list[dict], tools, tokenizer, max_prompt_tokens: int 
 # ----------------------------------------------------------------------------------------------
 
 
-def _render(tokenizer, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
-    """The conversation through the chat template, the template's own BOS removed when encoding adds one."""
+RENDER_SECONDS = 10.0
+"""A chat template gets this long to render one conversation (real templates take milliseconds)."""
+
+
+class _RenderTimeout(Exception):
+    """Raised inside a chat template's rendering when it overruns RENDER_SECONDS."""
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise _RenderTimeout in this thread after `seconds` (main thread only; elsewhere no limit).
+
+    The template is code from a model directory. jinja2's sandbox refuses attribute walks and huge
+    ranges but not nested loops, so an adversarial or broken template could otherwise run forever.
+    A SIGALRM timer interrupts the Python bytecode of the rendering; an enclosing timer is restored.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def overrun(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, overrun)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, outer)
+
+
+def _given_chars(messages: list[dict], tools: list[dict] | None) -> int:
+    """Characters of a conversation and its tools as JSON: what a template has to write out, roughly."""
+    return len(json.dumps(messages, ensure_ascii=False, default=str)) + len(json.dumps(tools or [], ensure_ascii=False, default=str))
+
+
+def _render_limit(given_chars: int) -> int:
+    """Most characters a template may write: 16x what it was given, plus 1 MB of its own text."""
+    return 16 * given_chars + 1_000_000
+
+
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
+    """The conversation through the chat template, the template's own BOS removed when encoding adds one.
+
+    Rendering is bounded in time (RENDER_SECONDS) and in output size (`_render_limit`): a template
+    over either is a ModelError naming it, before anything is tokenized.
+    """
+    try:
+        with _time_limit(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+    except _RenderTimeout:
+        raise ModelError(
+            f"{chat_template_source(tokenizer)}: the chat template did not finish rendering one conversation in "
+            f"{RENDER_SECONDS:.0f} s (a loop that never ends?); fix the template"
+        ) from None
     except Exception as exc:  # the template is code from the model directory: jinja2 errors, or its own raise_exception
         where = f" at line {exc.lineno}" if isinstance(getattr(exc, "lineno", None), int) else ""
         reason = (str(exc).splitlines() or [""])[0][:200]
@@ -430,6 +487,12 @@ def _render(tokenizer, messages: list[dict], tools: list[dict] | None, add_gener
             f"{chat_template_source(tokenizer)}: the chat template fails{where} ({type(exc).__name__}: {reason}); "
             "fix the template"
         ) from None
+    given = _given_chars(messages, tools)
+    if isinstance(text, str) and len(text) > _render_limit(given):
+        raise ModelError(
+            f"{chat_template_source(tokenizer)}: the chat template wrote {len(text):,} characters for a conversation "
+            f"of {given:,}, more than the {_render_limit(given):,} allowed; fix the template"
+        )
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
         text = text[len(bos) :]

@@ -234,3 +234,22 @@ def test_a_long_prompt_is_cut_to_its_end_with_a_note(gpt2_32_positions, stream):
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 24, dtype=torch.long),
                              max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert result.stdout.rstrip("\n") == decode_continuation(tok, out[0, 24:].tolist(), [])
+
+
+@pytest.mark.parametrize(
+    ("template", "needle"),
+    [
+        ("{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}{{ messages[0]['content'] }}", "did not finish rendering"),
+        ("{% for m in messages %}{{ m['content'] * 10000000 }}{% endfor %}", "characters for a conversation"),
+    ],
+    ids=["endless-loop", "huge-output"],
+)
+def test_a_runaway_chat_template_is_one_line_naming_the_file(tmp_path, tiny_model_dir, monkeypatch, template, needle):
+    from llmkit import prompts
+
+    monkeypatch.setattr(prompts, "RENDER_SECONDS", 0.5)  # real templates render in milliseconds
+    model = tmp_path / "jt"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(template, encoding="utf-8")
+    result = runner.invoke(app, ["generate", str(model), "hi", "--chat", "--max-new-tokens", "2"])
+    assert_clean_error(result, needle, "chat_template.jinja")
