@@ -272,6 +272,15 @@ def scale_sweep(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt 
         typer.echo(table)
 
 
+@scale_app.command("hp")
+@handles_errors
+def scale_hp(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Run the recipe's hp grid (lr x batch at a few small sizes), fit your own lr and batch rule, write hp.json for the sweep."""
+    table = stage("scale hp").hp(load_recipe(recipe, set_, stage="scale"), overwrite=overwrite)
+    if table:
+        typer.echo(table)
+
+
 @scale_app.command("fit")
 @handles_errors
 def scale_fit(

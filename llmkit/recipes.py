@@ -1003,6 +1003,30 @@ class ScaleGrid(Section):
         return self
 
 
+class HpGrid(Section):
+    """`llmkit scale hp`: a small learning-rate x batch grid at a few sizes, to fit your own lr and batch rule."""
+
+    sizes: list[PositiveCount] = Field(description="Two or three small model sizes (as param_convention).")
+    tokens_per_param: float = Field(20.0, gt=0, description="Training tokens of each run: this many per parameter (param_convention).")
+    lrs: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        description="Peak learning rates tried at every size (train.muon_lr when the base trains with muon)."
+    )
+    batch_tokens: list[PositiveCount] = Field(description="Batches tried at every size, in tokens (rounded to whole sequences).")
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> HpGrid:
+        for key, need in (("sizes", 2), ("lrs", 3), ("batch_tokens", 1)):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"hp.{key} lists a value twice ({values}); give each once")
+            if len(values) < need:
+                raise ValueError(
+                    f"hp.{key} has {len(values)} value(s); give at least {need}"
+                    + (" (a rule in N needs two sizes)" if key == "sizes" else " (the best lr is the vertex of a parabola)" if key == "lrs" else "")
+                )
+        return self
+
+
 class ScaleRecipe(Section):
     """`llmkit scale sweep`: pretraining runs of one base recipe over a grid of sizes and budgets, to fit L(N, D)."""
 
@@ -1029,6 +1053,7 @@ class ScaleRecipe(Section):
         "fraction", description="Warmup per point: the base's share of the steps, or porian (warmup tokens = N).",
     )
     hp_fit: Path | None = Field(None, description="hp.json of `llmkit scale hp` for lr_rule / batch_rule fitted.")
+    hp: HpGrid | None = Field(None, description="`llmkit scale hp`: the lr x batch grid that fits lr_rule / batch_rule fitted.")
     branch: bool = Field(
         False, description="One stable-phase (constant lr) run per size and a WSD cooldown branched from it at each token budget.",
     )

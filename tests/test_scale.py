@@ -517,6 +517,27 @@ def test_recommend_from_a_fit_with_intervals_shape_and_recipe(tmp_path, tokenize
     assert far.exit_code == 0 and "orders of magnitude outside the swept range" in far.stdout
 
 
+def test_recommend_counts_the_data_and_offers_the_data_constrained_split(tmp_path, tokenizer_dir, corpus, fit_json):
+    base = write_recipe(tmp_path / "base.yaml", _pretrain(tmp_path, tokenizer_dir, corpus, max_position_embeddings=64))
+    result = runner.invoke(app, ["scale", "recommend", "--flops", "1e17", "--fit", str(fit_json), "--base", str(base)])
+    assert result.exit_code == 0, result.output
+    law = laws.load_law(fit_json)
+    best = laws.optimum(law, 1e17)
+    unique = _available_tokens(tokenizer_dir, corpus[0])
+    assert f"D* = {best.D:.3g} tokens is {best.D / unique:.2f} epoch(s) of the {unique:,} tokens" in result.stdout
+    assert "warning:" in result.stdout and "the data repeats" in result.stdout
+    # Muennighoff et al. 2023: U + U R* (1 - exp(-(D/U - 1) / R*)), R* = 15.39, computed here independently.
+    effective = unique + unique * 15.39 * (1 - math.exp(-(best.D / unique - 1) / 15.39))
+    assert laws.effective_tokens(best.D, unique) == pytest.approx(effective, rel=1e-12)
+    assert f"are worth {effective:.3g} unique tokens" in result.stdout
+    constrained = laws.data_constrained(law, 1e17, unique)
+    # The constrained split beats every other split of the budget on a fine grid of sizes, and the unconstrained one.
+    grid = np.geomspace(best.N / 100, best.N * 1e4, 4000)
+    losses = [predict(law.fit, n, laws.effective_tokens(1e17 / (6 * n), unique)) for n in grid]
+    assert constrained.loss <= min(losses) + 1e-9 and constrained.loss <= constrained.loss_at_unconstrained
+    assert f"best split is N = {constrained.N:.4g}" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [

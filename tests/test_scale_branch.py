@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -152,5 +153,70 @@ def test_rules_pick_the_convention_each_paper_assumes():
     assert rules.lr_for("step_law", p) == rules.step_law_lr(400, 10_000)  # non-embedding
     assert rules.lr_for("deepseek", p) == rules.deepseek_lr(3_000.0 * 10_000)  # C = M D
     assert rules.batch_tokens_for("step_law", p) == rules.step_law_batch(10_000)
-    assert rules.batch_layout(3_300, 128, 4) == (4, 7)  # 26 sequences -> 7 micro-batches of 4 (28)
+    assert rules.batch_layout(3_300, 128, 4) == (2, 13)  # 26 sequences: 13 micro-batches of 2, not 7 of 4 (28)
+    assert rules.batch_layout(18 * 32, 32, 4) == (3, 6) and rules.batch_layout(100, 32, 8) == (3, 1)
     assert rules.warmup_steps_for("porian", 0.1, 100, 5_000, 512) == 10  # N tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# `llmkit scale hp`: your own rule from an lr x batch grid
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeHpRun:
+    """Stands in for pretrain: a loss whose best lr is 0.5 N^-0.5 and best batch 4 N^0.5 tokens (parabolic in logs)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, recipe, overwrite: bool = False) -> dict:
+        from llmkit import rundir
+        from llmkit.models import meta_model, model_config, parameter_counts
+
+        self.calls.append(Path(recipe.output_dir).name)
+        N = parameter_counts(meta_model(model_config(recipe, 512)))["non_embedding"]
+        per_step = planning.tokens_per_step(recipe)
+        steps = math.ceil(recipe.train.max_tokens / per_step)
+        loss = 3.0 + (math.log(recipe.train.lr) - math.log(0.5 * N**-0.5)) ** 2 + 0.1 * (math.log(per_step) - math.log(4 * N**0.5)) ** 2
+        out = Path(recipe.output_dir)
+        rundir.write_resolved(recipe, out)
+        (out / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": steps, "tokens": steps * per_step, "val_loss": loss}) + "\n")
+        return {"val_loss": loss, "tokens": steps * per_step, "step": steps, "flops_per_token": 1000, "resumed_from": None}
+
+
+HP_GRID = {"sizes": [4_000, 16_000], "tokens_per_param": 20, "lrs": [1e-3, 3e-3, 1e-2, 3e-2], "batch_tokens": [128, 256, 512, 1024]}
+
+
+def test_scale_hp_fits_the_rule_the_runs_follow_and_the_sweep_uses_it(tmp_path, tokenizer_dir, corpus, monkeypatch):  # noqa: F811
+    fake = FakeHpRun()
+    monkeypatch.setattr(pretrain_stage, "run", fake)
+    data = _sweep_dict(tmp_path, tokenizer_dir, corpus, BRANCH_GRID, hp=HP_GRID, allow_repeat=True)
+    out = scale.hp(recipe_from_dict(data, stage="scale"))
+    assert len(fake.calls) == 2 * 4 * 4
+    hp_file = tmp_path / "sweep-hp" / "hp.json"
+    rule = json.loads(hp_file.read_text())["rule"]
+    assert rule["lr_coef"] == pytest.approx(0.5, rel=1e-6) and rule["lr_exp"] == pytest.approx(-0.5, abs=1e-6)
+    assert rule["batch_coef"] == pytest.approx(4.0, rel=1e-6) and rule["batch_exp"] == pytest.approx(0.5, abs=1e-6)
+    assert "lr = 0.5 N^-0.500" in out and "lr_rule=fitted" in out
+    # A rerun trains nothing; the sweep that uses the rule leaves the finished grid alone.
+    fake.calls.clear()
+    scale.hp(recipe_from_dict({**data, "lr_rule": "fitted", "hp_fit": str(hp_file)}, stage="scale"))
+    assert fake.calls == []
+    big = {"sizes": [4_000, 16_000], "tokens": [12_800, 19_200, 25_600]}  # 10+ steps at the rule's batches
+    fitted = {**data, "grid": big, "lr_rule": "fitted", "batch_rule": "fitted", "hp_fit": str(hp_file)}
+    plan = planning.plan(recipe_from_dict(fitted, stage="scale"), 512)
+    for p in plan.points:
+        assert p.recipe.train.lr == pytest.approx(0.5 * p.N**-0.5)
+        assert planning.tokens_per_step(p.recipe) == 32 * round(4 * p.N**0.5 / 32)  # whole sequences of 32 tokens
+
+
+def test_scale_hp_without_a_grid_exits_2(tmp_path, tokenizer_dir, corpus):  # noqa: F811
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_sweep_dict(tmp_path, tokenizer_dir, corpus, BRANCH_GRID)))
+    assert_clean_error(runner.invoke(app, ["scale", "hp", str(path)]), "hp: missing from the recipe", "hp.lrs")
+    bad = _sweep_dict(tmp_path, tokenizer_dir, corpus, BRANCH_GRID, hp={**HP_GRID, "lrs": [1e-3, 1e-2]})
+    path.write_text(yaml.safe_dump(bad))
+    assert_clean_error(runner.invoke(app, ["scale", "hp", str(path)]), "hp.lrs has 2 value(s); give at least 3")
+    assert not (tmp_path / "sweep-hp").exists()

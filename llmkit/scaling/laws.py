@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from llmkit.errors import LlmkitError
 from llmkit.scaling.fit import (
@@ -360,6 +361,7 @@ class Law:
     throughput: dict[str, Any] | None
     sweep: Path | None
     path: Path | None
+    data: dict[str, Any] | None = None  # what the sweep trained on (fingerprint, train_tokens), from fit.json
 
 
 def epoch_law() -> Law:
@@ -427,7 +429,19 @@ def load_law(path: Path | None) -> Law:
         throughput=throughput,
         sweep=Path(sweep) if sweep else None,
         path=file,
+        data=_data_of(data, file),
     )
+
+
+def _data_of(data: dict[str, Any], file: Path) -> dict[str, Any] | None:
+    """provenance.data of a fit.json, its train_tokens checked (None when the fit did not come from a sweep)."""
+    prov = data.get("provenance")
+    found = prov.get("data") if isinstance(prov, dict) else None
+    if not isinstance(found, dict):
+        return None
+    if found.get("train_tokens") is not None:
+        _number(data, ("provenance", "data", "train_tokens"), file)
+    return found
 
 
 def _number(data: dict[str, Any], path: tuple, file: Path) -> float:
@@ -445,6 +459,52 @@ def _number(data: dict[str, Any], path: tuple, file: Path) -> float:
             f"--fit {file}: not a fit.json of `llmkit scale fit` ({name} is {value!r}, not a number); rerun `llmkit scale fit`"
         )
     return float(value)
+
+
+# Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", arXiv 2305.16264): repeated tokens are worth
+# less and less; after R repetitions of U unique tokens the effective data is U + U R* (1 - exp(-R / R*)), R* = 15.4.
+REPEAT_DECAY = 15.39
+
+
+def effective_tokens(D: float, unique: float, r_star: float = REPEAT_DECAY) -> float:
+    """The tokens D of training on `unique` tokens repeated are worth (Muennighoff et al. 2023); D itself when D <= unique."""
+    if D <= unique:
+        return float(D)
+    repeats = D / unique - 1.0
+    return float(unique + unique * r_star * (1.0 - math.exp(-repeats / r_star)))
+
+
+@dataclass
+class Constrained:
+    """The best split of a budget when only `unique` tokens exist and repeats count for less (Muennighoff et al. 2023)."""
+
+    C: float
+    N: float
+    D: float
+    effective_D: float
+    epochs: float
+    loss: float
+    loss_at_unconstrained: float  # the unconstrained optimum's (N*, D*) with its repeats discounted
+
+
+def data_constrained(law: Law, C: float, unique: float) -> Constrained:
+    """Minimise L(N, D'(C / 6N)) over N, D' the effective tokens of repeating `unique` (a 1-D search in log N)."""
+    fit = law.fit
+    best = compute_optimal(fit, C)
+
+    def loss(log_N: float) -> float:
+        N = math.exp(log_N)
+        return float(predict(fit, N, effective_tokens(C / (6.0 * N), unique)))
+
+    centre = math.log(best.N_params)
+    # The optimum can only move towards larger N (fewer tokens, fewer repeats): search up to 4 orders above N*.
+    found = minimize_scalar(loss, bounds=(centre - 2.0, centre + 9.5), method="bounded", options={"xatol": 1e-6})
+    N = math.exp(found.x)
+    D = C / (6.0 * N)
+    return Constrained(
+        C=float(C), N=N, D=D, effective_D=effective_tokens(D, unique), epochs=D / unique, loss=float(found.fun),
+        loss_at_unconstrained=float(predict(fit, best.N_params, effective_tokens(best.D_tokens, unique))),
+    )
 
 
 @dataclass

@@ -187,8 +187,10 @@ def batch_layout(batch_tokens: float, seq_len: int, max_micro: int) -> tuple[int
     """(micro_batch_size, grad_accum_steps) whose product of sequences is nearest batch_tokens / seq_len, at least one
     sequence, with micro-batches of at most max_micro sequences (the base's micro_batch_size, what fits in memory)."""
     sequences = max(1, int(round(batch_tokens / seq_len)))
-    accum = math.ceil(sequences / max_micro)
-    micro = max(1, int(round(sequences / accum)))
+    fewest = math.ceil(sequences / max_micro)
+    # Among up to twice the fewest accumulation steps, the layout nearest the wanted sequences (18 = 3 x 6, not 4 x 5).
+    layouts = [(min(max_micro, max(1, round(sequences / accum))), accum) for accum in range(fewest, 2 * fewest + 1)]
+    micro, accum = min(layouts, key=lambda m_a: (abs(m_a[0] * m_a[1] - sequences), m_a[1]))
     return micro, accum
 
 
@@ -222,3 +224,51 @@ def provenance(lr_rule: str, batch_rule: str, warmup_rule: str, hp: HpFit | None
                                                 "batch_coef": hp.batch_coef, "batch_exp": hp.batch_exp,
                                                 "convention": hp.convention, "optimizer": hp.optimizer},
             "lines": describe(lr_rule, batch_rule, warmup_rule, hp)}
+
+
+def _vertex(x: list[float], loss: list[float]) -> float:
+    """The x (in log space) of the lowest loss: the vertex of a parabola through the best point and its neighbours, when
+    it opens upwards and lies between them, else the best point itself."""
+    import numpy as np
+
+    order = np.argsort(x)
+    xs, ys = np.log(np.asarray(x, dtype=float)[order]), np.asarray(loss, dtype=float)[order]
+    best = int(np.argmin(ys))
+    if len(xs) < 3 or best in (0, len(xs) - 1):
+        return float(np.exp(xs[best]))
+    window = slice(best - 1, best + 2)
+    a, b, _ = np.polyfit(xs[window], ys[window], 2)
+    if a <= 0:
+        return float(np.exp(xs[best]))
+    return float(np.exp(min(max(-b / (2 * a), xs[best - 1]), xs[best + 1])))
+
+
+def fit_hp(records: list[dict[str, Any]], convention: str, optimizer: str) -> dict[str, Any]:
+    """Your own rule from an lr x batch grid: per size the best lr (at the best batch) and best batch (at that lr), then
+    least squares of log lr* and log B* on log N. records: rows with N, lr, tokens_per_step, loss."""
+    import numpy as np
+
+    sizes = sorted({r["N"] for r in records})
+    per_size = []
+    for N in sizes:
+        mine = [r for r in records if r["N"] == N and math.isfinite(r["loss"])]
+        if not mine:
+            raise RecipeError(f"hp: every run at N = {N:,} diverged (no finite loss); try smaller hp.lrs")
+        best = min(mine, key=lambda r: r["loss"])
+        at_batch = [r for r in mine if r["tokens_per_step"] == best["tokens_per_step"]]
+        at_lr = [r for r in mine if r["lr"] == best["lr"]]
+        lr = _vertex([r["lr"] for r in at_batch], [r["loss"] for r in at_batch])
+        batch = _vertex([r["tokens_per_step"] for r in at_lr], [r["loss"] for r in at_lr])
+        edge = best["lr"] in (min(r["lr"] for r in at_batch), max(r["lr"] for r in at_batch))
+        per_size.append({"N": N, "lr": lr, "batch_tokens": batch, "loss": best["loss"], "lr_at_grid_edge": edge})
+    log_N = np.log([p["N"] for p in per_size])
+    lr_exp, lr_log_coef = np.polyfit(log_N, np.log([p["lr"] for p in per_size]), 1)
+    batch_exp, batch_log_coef = np.polyfit(log_N, np.log([p["batch_tokens"] for p in per_size]), 1)
+    return {
+        "version": HP_VERSION,
+        "rule": {"lr_coef": float(np.exp(lr_log_coef)), "lr_exp": float(lr_exp), "batch_coef": float(np.exp(batch_log_coef)),
+                 "batch_exp": float(batch_exp), "convention": convention, "optimizer": optimizer},
+        "per_size": per_size,
+        "method": "per size: lr* = vertex of a parabola of loss in log lr at the best batch (the best grid lr when it is an "
+                  "edge), B* likewise in log batch at that lr; then least squares of log lr* and log B* on log N",
+    }

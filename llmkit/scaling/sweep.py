@@ -367,6 +367,58 @@ def _branch(recipe: ScaleRecipe, points: list[Point], where: str) -> dict[str, P
     return trunks
 
 
+HP = "hp"  # `llmkit scale hp`: SWEEP-hp/hp/NAME run directories and SWEEP-hp/hp.json
+
+
+def hp_dir(recipe: ScaleRecipe) -> Path:
+    """Where `llmkit scale hp` runs its grid: beside the sweep's directory, SWEEP-hp."""
+    out = Path(recipe.output_dir)
+    return out.with_name(out.name + "-hp")
+
+
+def hp_points(recipe: ScaleRecipe, vocab_size: int | None) -> list[Point]:
+    """The runs of `llmkit scale hp`: every hp.sizes x hp.lrs x hp.batch_tokens, each on tokens_per_param x N tokens."""
+    if recipe.hp is None:
+        raise RecipeError("hp: missing from the recipe; give hp.sizes, hp.lrs and hp.batch_tokens (the grid `llmkit scale hp` runs)")
+    base, where = base_recipe(recipe)
+    unsized, _ = base_recipe(recipe, keep_sizes=False)
+    convention, seq_len = recipe.param_convention, base.data.seq_len
+    warmup_fraction = base.train.warmup_steps / _base_steps(base)
+    muon = base.train.optimizer == "muon"
+    points = []
+    for target in recipe.hp.sizes:
+        dial = unsized.model.model_copy(update={"target_params": target, "param_convention": convention})
+        sized_base = unsized.model_copy(update={"model": dial})
+        sized = shapes.choose(sized_base, vocab_size)
+        N = sized.counts[convention]
+        tokens = max(1, int(round(recipe.hp.tokens_per_param * N)))
+        for batch in recipe.hp.batch_tokens:
+            micro, accum = rules.batch_layout(batch, seq_len, base.train.micro_batch_size)
+            per_step = micro * accum * seq_len * dist.world_size()
+            steps = math.ceil(tokens / per_step)
+            for lr in recipe.hp.lrs:
+                name = f"n{_short(N)}_b{_short(per_step)}_lr{lr:.3g}"
+                if steps < MIN_STEPS:
+                    raise RecipeError(
+                        f"hp: run {name} trains {tokens:,} tokens = {steps} step(s) of {per_step:,} tokens; give it {MIN_STEPS}+ "
+                        "steps: a larger hp.tokens_per_param or smaller hp.batch_tokens"
+                    )
+                train = {
+                    "max_tokens": tokens, "max_steps": None, "micro_batch_size": micro, "grad_accum_steps": accum,
+                    "warmup_steps": int(round(warmup_fraction * steps)), "eval_every": steps,
+                }
+                if muon:
+                    train["muon_lr"] = lr
+                else:
+                    train.update(lr=lr, min_lr=base.train.min_lr * lr / base.train.lr)
+                point_recipe = shapes.sized_recipe(sized_base, vocab_size).model_copy(update={
+                    "output_dir": Path(recipe.output_dir) / HP / name, "train": base.train.model_copy(update=train),
+                })
+                point = Point(name, target, None, point_recipe, sized, tokens, steps, _per_token(sized, seq_len))
+                points.append(_validated(point, where))
+    return points
+
+
 def _check_enough(points: list[Point], recipe: ScaleRecipe) -> None:
     """RecipeError when the grid has too few points for the law it can fit."""
     sizes = {p.sized.shape for p in points}

@@ -37,7 +37,7 @@ from llmkit.scaling.fit import load_points, write_fit_json
 from llmkit.stages import pretrain
 
 DATA_FILE = "data.json"
-SWEEP_FILES = ("sweep.jsonl", "sweep.csv", "fit.json", "fit.png", DATA_FILE)
+SWEEP_FILES = ("sweep.jsonl", "sweep.csv", "fit.json", "fit.png", DATA_FILE, "hp.json", "hp.jsonl")
 BUDGET_TOLERANCE = 0.05  # a written recipe may spend the budget give or take this share (whole optimizer steps)
 ORDERS_BEYOND = 2.0  # warn when a budget lies more than this many orders of magnitude outside the swept C
 
@@ -142,7 +142,8 @@ def _check_tokens(plan: planning.Plan, available: int | None, allow_repeat: bool
 
 def _clear(output_dir: Path) -> None:
     """Remove a replaced sweep's points and files (--overwrite)."""
-    shutil.rmtree(output_dir / planning.POINTS, ignore_errors=True)
+    for sub in (planning.POINTS, planning.TRUNKS, planning.HP):
+        shutil.rmtree(output_dir / sub, ignore_errors=True)
     for name in SWEEP_FILES:
         (output_dir / name).unlink(missing_ok=True)
 
@@ -313,6 +314,55 @@ def _run_branch(point: planning.Point, trunk: Any, index: int, total: int, avail
     if dist.rank() == 0:
         rundir.write_json_atomic(run_dir / planning.RECORD, record)
     return record
+
+
+def hp(recipe: ScaleRecipe, overwrite: bool = False) -> str:
+    """`llmkit scale hp RECIPE`: run (or continue) the hp grid, fit lr* = a N^b and B* = c N^d, write hp.json."""
+    # The grid runs in its own directory beside the sweep's (SWEEP-hp), and is claimed without the keys that only
+    # steer the sweep, so that setting lr_rule: fitted afterwards keeps the finished hp runs.
+    identity = recipe.model_copy(update={
+        "output_dir": planning.hp_dir(recipe), "lr_rule": "constant", "batch_rule": "constant", "warmup_rule": "fraction",
+        "hp_fit": None, "branch": False,
+    })
+    output_dir = Path(identity.output_dir)
+    with rundir.locked(output_dir):
+        claimed = rundir.claim(identity, overwrite, what="hp grid")
+        base, _ = planning.base_recipe(identity)
+        tokenizer = models.load_tokenizer(base.tokenizer)
+        points = planning.hp_points(identity, models.padded_vocab_size(len(tokenizer)))
+        available = _available_tokens(points[0].recipe, tokenizer)
+        _check_tokens(planning.Plan(base, "", None, points, []), available, recipe.allow_repeat)
+        if dist.rank() == 0:
+            if claimed.state == "replace":
+                _clear(output_dir)
+            _write_recipe_if_changed(identity, output_dir)
+            dist.log(f"scale hp: {len(points)} runs: {len(recipe.hp.sizes)} sizes x {len(recipe.hp.batch_tokens)} batches x "
+                     f"{len(recipe.hp.lrs)} learning rates, {recipe.hp.tokens_per_param:g} tokens per parameter, in {output_dir}")
+        records = []
+        with _one_process_group():
+            for index, point in enumerate(points, start=1):
+                records.append(_run_point(point, index, len(points), available))
+                if dist.rank() == 0:
+                    rundir.write_text_atomic(output_dir / "hp.jsonl", planning.jsonl_text(records))
+    if dist.rank() != 0:
+        return ""
+    muon = base.train.optimizer == "muon"
+    rows = [{**r, "lr": p.recipe.train.muon_lr if muon else r["lr"]} for r, p in zip(records, points, strict=True)]
+    result = rules.fit_hp(rows, recipe.param_convention, base.train.optimizer)
+    result["runs"] = [{k: r[k] for k in ("name", "N", "D", "lr", "tokens_per_step", "loss")} for r in rows]
+    write_fit_json(output_dir / "hp.json", result)
+    rule = result["rule"]
+    lines = [f"{'N':>10} {'best lr':>9} {'best batch':>10} {'loss':>8}"]
+    for p in result["per_size"]:
+        edge = "  (the best lr is at the edge of hp.lrs: widen it)" if p["lr_at_grid_edge"] else ""
+        lines.append(f"{p['N']:>10,} {p['lr']:>9.3g} {p['batch_tokens']:>10,.0f} {p['loss']:>8.4f}{edge}")
+    lines += [
+        f"rule:    {'muon_lr' if muon else 'lr'} = {rule['lr_coef']:.4g} N^{rule['lr_exp']:.3f}, batch = {rule['batch_coef']:.4g} "
+        f"N^{rule['batch_exp']:.3f} tokens (N = {recipe.param_convention} parameters, {base.train.optimizer})",
+        f"wrote:   {output_dir / 'hp.json'}, {output_dir / 'hp.jsonl'}",
+        f"next:    llmkit scale sweep RECIPE --set lr_rule=fitted --set batch_rule=fitted --set hp_fit={output_dir / 'hp.json'}",
+    ]
+    return "\n".join(lines)
 
 
 def result_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -580,6 +630,7 @@ def recommend(
         lines.append(f"steps:       {math.ceil(best.D / per_step):,} at the base's batch of {per_step:,} tokens (one process)")
     lines += _time_lines(law, best.D * flops_per_token, gpu_hours)
     lines += _range_warning(law, C)
+    lines += _data_lines(law, best, base_recipe if base is not None else None)
     ratio = per_token["6N_attention"] / per_token["6N"]
     if ratio > 1.5:
         lines.append(
@@ -622,6 +673,42 @@ def _recipe_rules(scale_recipe, base_recipe, sized: shapes.SizedModel, best: law
         train["warmup_steps"] = rules.warmup_steps_for("porian", 0.0, 0, sized.counts[scale_recipe.param_convention], per_step)
     note = "; ".join(rules.describe(scale_recipe.lr_rule, scale_recipe.batch_rule, scale_recipe.warmup_rule, hp))
     return train, f"the sweep's rules ({note})"
+
+
+def _unique_tokens(law: laws.Law, base_recipe) -> tuple[int | None, str]:
+    """The tokens one pass over the training data holds: counted from --base's data (tokenized once, cached), else the
+    fitted sweep's data.json; (None, why) when neither is known."""
+    if base_recipe is not None:
+        vocab, tokenizer, note = _vocab(base_recipe)
+        if tokenizer is None:
+            return None, note
+        available = _available_tokens(base_recipe, tokenizer)
+        if available is None:
+            return None, "data.train is streamed: its size is unknown until read"
+        return available, f"data.train of --base ({cache_key(base_recipe, tokenizer)})"
+    if law.data and law.data.get("train_tokens"):
+        return int(law.data["train_tokens"]), f"data.train of the sweep ({law.data.get('fingerprint')})"
+    return None, "no --base and no sweep data in the fit"
+
+
+def _data_lines(law: laws.Law, best: laws.Optimum, base_recipe) -> list[str]:
+    """Epochs of D* over the unique training tokens; beyond one, the data-constrained adjustment (Muennighoff et al. 2023)."""
+    unique, where = _unique_tokens(law, base_recipe)
+    if unique is None:
+        return [f"data:        not checked ({where})"]
+    epochs = best.D / unique
+    lines = [f"data:        D* = {best.D:.3g} tokens is {epochs:.2f} epoch(s) of the {unique:,} tokens of {where}"]
+    if epochs <= 1.0:
+        return lines
+    constrained = laws.data_constrained(law, best.C, unique)
+    lines[0] = "warning:     " + lines[0][len("data:        "):] + ": the data repeats"
+    lines += [
+        f"repeats:     {epochs:.2f} passes are worth {laws.effective_tokens(best.D, unique):.3g} unique tokens (Muennighoff et al. "
+        f"2023, R* = {laws.REPEAT_DECAY}): predicted loss {constrained.loss_at_unconstrained:.4f} instead of {best.loss:.4f}",
+        f"constrained: with {unique:,} unique tokens the best split is N = {constrained.N:.4g}, D = {constrained.D:.4g} "
+        f"({constrained.epochs:.2f} epochs), predicted loss {constrained.loss:.4f}; or add data",
+    ]
+    return lines
 
 
 def _check_possible(best: laws.Optimum, vocab: int | None, law: laws.Law) -> None:
