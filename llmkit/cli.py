@@ -288,10 +288,14 @@ def scale_fit(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="fit.json to write (its plot goes beside it, .png).")] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples for the intervals (0: none).")] = 200,
     param_convention: ConventionOpt = None,
+    accuracy: Annotated[Optional[str], typer.Option(
+        "--accuracy", help="Also fit accuracy from loss: a points column (choice_acc) or the eval dir in each point (RUN_DIR/NAME/metrics.json).")] = None,
+    accuracy_metric: Annotated[str, typer.Option("--accuracy-metric", help="The metrics.json key to read (acc, acc_norm).")] = "acc",
 ) -> None:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (or a one-variable law) with intervals; write fit.json and a plot."""
     _convention_choice(param_convention)
-    typer.echo(stage("scale fit").fit(data, output, n_boot=bootstrap, param_convention=param_convention))
+    typer.echo(stage("scale fit").fit(data, output, n_boot=bootstrap, param_convention=param_convention,
+                                      accuracy=accuracy, accuracy_metric=accuracy_metric))
 
 
 @scale_app.command("recommend")

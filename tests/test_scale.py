@@ -29,7 +29,7 @@ from llmkit.stages import scale
 runner = CliRunner()
 
 
-def assert_clean_error(result, *fragments: str) -> None:
+def assert_clean_error(result, *fragments: str) -> str:
     """Exit 2, one error line (the last on stderr, after any progress lines) naming every fragment, no traceback."""
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -38,6 +38,7 @@ def assert_clean_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in err, (fragment, err)
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -515,6 +516,18 @@ def test_recommend_from_a_fit_with_intervals_shape_and_recipe(tmp_path, tokenize
     assert_clean_error(runner.invoke(app, args), "already exists", "--force")
     far = runner.invoke(app, ["scale", "recommend", "--flops", "1e23", "--fit", str(fit_path)])
     assert far.exit_code == 0 and "orders of magnitude outside the swept range" in far.stdout
+
+
+def test_recommend_refuses_a_recipe_that_whole_steps_cannot_fit_in_the_budget(tmp_path, tokenizer_dir, corpus, fit_json):
+    data = _pretrain(tmp_path, tokenizer_dir, corpus, max_position_embeddings=64)
+    data["train"]["grad_accum_steps"] = 1_000_000  # 128M tokens a step: D* of 1e17 FLOPs is under 5 steps
+    base = write_recipe(tmp_path / "base.yaml", data)
+    target = tmp_path / "optimal.yaml"
+    result = runner.invoke(app, ["scale", "recommend", "--flops", "1e17", "--fit", str(fit_json), "--base", str(base),
+                                 "--write-recipe", str(target)])
+    line = assert_clean_error(result, "--write-recipe", "whole step(s) of 128,000,000 tokens", "x the budget of 1e+17")
+    ratio = float(line.split("FLOPs (6 N D), ")[1].split("x")[0])
+    assert abs(ratio - 1) > 0.05 and not target.exists()
 
 
 def test_recommend_counts_the_data_and_offers_the_data_constrained_split(tmp_path, tokenizer_dir, corpus, fit_json):

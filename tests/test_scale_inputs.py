@@ -118,3 +118,63 @@ def test_recommend_refuses_a_loss_worse_than_a_uniform_guess(tmp_path, good_fit)
     line = assert_clean_error(result, "worse than guessing uniformly", "32,000-token vocabulary", f"ln 32,000 = {math.log(32000):.2f}")
     assert "nats at C = 1e+12" in line
     assert runner.invoke(app, ["scale", "recommend", "--flops", "1e20", "--fit", str(steep)]).exit_code == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Downstream: loss -> accuracy, and the accuracy recommend predicts
+# ------------------------------------------------------------------------------------------------
+
+SIGMOID = {"a": 0.6, "k": -3.0, "L0": 3.0, "b": 0.25}  # chance 0.25, rising to 0.85 as the loss falls
+
+
+def _true_accuracy(loss):
+    return SIGMOID["a"] / (1 + math.exp(-SIGMOID["k"] * (loss - SIGMOID["L0"]))) + SIGMOID["b"]
+
+
+def _points_with_accuracy(tmp_path, with_dirs: bool = False):
+    rng = np.random.default_rng(1)
+    rows = ["name,N,D,loss,choice_acc,run_dir"]
+    for i, N in enumerate((1e6, 3e6, 1e7, 3e7, 1e8)):
+        for j, D in enumerate((2e7, 6e7, 2e8, 6e8)):
+            loss = LAW["E"] + LAW["A"] / N ** LAW["alpha"] + LAW["B"] / D ** LAW["beta"]
+            acc = _true_accuracy(loss) + rng.normal(0, 0.003)
+            run_dir = tmp_path / "points" / f"p{i}{j}"
+            if with_dirs:
+                (run_dir / "eval-task").mkdir(parents=True)
+                (run_dir / "eval-task" / "metrics.json").write_text(json.dumps({"metrics": {"acc": acc, "acc_norm": acc}}))
+            rows.append(f"p{i}{j},{N},{D},{loss},{acc},{run_dir}")
+    path = tmp_path / "points.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("source", ["choice_acc", "eval-task"])
+def test_fit_of_accuracy_from_loss_and_the_accuracy_recommend_predicts(tmp_path, source):
+    points = _points_with_accuracy(tmp_path, with_dirs=source == "eval-task")
+    out = tmp_path / "fit.json"
+    result = runner.invoke(app, ["scale", "fit", str(points), "--bootstrap", "40", "-o", str(out), "--accuracy", source])
+    assert result.exit_code == 0, result.output
+    assert f"downstream:  {source}: Acc(L) =" in result.stdout
+    down = json.loads(out.read_text())["downstream"]
+    assert down["rmse"] < 0.005 and down["r2"] > 0.9  # the noise is 0.003
+    from llmkit.scaling import laws
+
+    # The fitted sigmoid agrees with the true one across the losses the points span (not only at them).
+    for loss in np.linspace(min(p[0] for p in down["points"]), max(p[0] for p in down["points"]), 7):
+        assert laws.accuracy_of(down["constants"], loss) == pytest.approx(_true_accuracy(loss), abs=0.02)
+    rec = runner.invoke(app, ["scale", "recommend", "--flops", "1e16", "--fit", str(out)])  # inside the points' losses
+    assert rec.exit_code == 0, rec.output
+    line = next(x for x in rec.stdout.splitlines() if x.startswith("accuracy:"))
+    law = laws.load_law(out)
+    expected = _true_accuracy(laws.optimum(law, 1e16).loss)
+    import re
+
+    value, low, high = (float(v) for v in re.match(r"accuracy:\s+([\d.]+) \[([\d.]+), ([\d.]+)\]", line).groups())
+    assert value == pytest.approx(expected, abs=0.02) and low <= value <= high and f"on {source}" in line
+
+
+def test_fit_of_accuracy_without_the_scores_names_the_command_to_run(tmp_path):
+    points = _points_with_accuracy(tmp_path, with_dirs=False)
+    result = runner.invoke(app, ["scale", "fit", str(points), "--bootstrap", "0", "--accuracy", "eval-task"])
+    assert_clean_error(result, "--accuracy eval-task: point p00 has no", "metrics.json", "llmkit eval eval/choice-tiny")
+    assert not (tmp_path / "points.fit.json").exists()

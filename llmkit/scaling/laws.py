@@ -362,6 +362,7 @@ class Law:
     sweep: Path | None
     path: Path | None
     data: dict[str, Any] | None = None  # what the sweep trained on (fingerprint, train_tokens), from fit.json
+    downstream: dict[str, Any] | None = None  # loss -> accuracy: source, metric, constants, draws
 
 
 def epoch_law() -> Law:
@@ -430,7 +431,21 @@ def load_law(path: Path | None) -> Law:
         sweep=Path(sweep) if sweep else None,
         path=file,
         data=_data_of(data, file),
+        downstream=_downstream_of(data, file),
     )
+
+
+def _downstream_of(data: dict[str, Any], file: Path) -> dict[str, Any] | None:
+    """The loss -> accuracy fit of a fit.json, its constants checked; None when `scale fit` was not given --accuracy."""
+    down = data.get("downstream")
+    if not isinstance(down, dict):
+        return None
+    constants = {name: _number(data, ("downstream", "constants", name), file) for name in DOWNSTREAM_NAMES}
+    try:
+        draws = np.asarray((down.get("bootstrap") or {}).get("draws") or [], dtype=float).reshape(-1, 4)
+    except (TypeError, ValueError, AttributeError):
+        raise LlmkitError(f"--fit {file}: not a fit.json of `llmkit scale fit` (downstream draws are not numbers); rerun the fit") from None
+    return {"constants": constants, "draws": draws.tolist(), "task": down.get("task"), "metric": down.get("metric")}
 
 
 def _data_of(data: dict[str, Any], file: Path) -> dict[str, Any] | None:
@@ -505,6 +520,79 @@ def data_constrained(law: Law, C: float, unique: float) -> Constrained:
         C=float(C), N=N, D=D, effective_D=effective_tokens(D, unique), epochs=D / unique, loss=float(found.fun),
         loss_at_unconstrained=float(predict(fit, best.N_params, effective_tokens(best.D_tokens, unique))),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream: loss -> accuracy (Bhagia et al. 2024, "Establishing Task Scaling Laws via Compute-Efficient Model Ladders")
+# ----------------------------------------------------------------------------------------------
+
+DOWNSTREAM_NAMES = ("a", "k", "L0", "b")
+
+
+def accuracy_of(constants: dict[str, float] | np.ndarray, loss: Any) -> Any:
+    """Acc(L) = a / (1 + exp(-k (L - L0))) + b; fitted with k <= 0, so accuracy rises from b at high loss to a + b at low loss."""
+    a, k, L0, b = (constants[n] for n in DOWNSTREAM_NAMES) if isinstance(constants, dict) else constants
+    with np.errstate(over="ignore"):
+        return a / (1.0 + np.exp(-k * (np.asarray(loss, dtype=float) - L0))) + b
+
+
+def _fit_sigmoid(loss: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """Least squares of the sigmoid in loss (4 constants) from a few starts; bounded so that 0 <= b <= b + a <= 1."""
+    from scipy.optimize import least_squares
+
+    best = None
+    spread = max(float(np.ptp(loss)), 1e-3)
+    for k0 in (-1.0 / spread, -4.0 / spread, -16.0 / spread):
+        start = [max(1e-3, float(acc.max() - acc.min())), k0, float(np.median(loss)), float(max(0.0, acc.min() - 1e-3))]
+        found = least_squares(
+            lambda t: accuracy_of(t, loss) - acc, start,
+            bounds=([0.0, -np.inf, -np.inf, 0.0], [1.0, 0.0, np.inf, 1.0]), max_nfev=4000,
+        )
+        if best is None or found.cost < best.cost:
+            best = found
+    return best.x
+
+
+def fit_downstream(loss: np.ndarray, acc: np.ndarray, *, n_boot: int, seed: int, source: str) -> dict[str, Any]:
+    """The two-step fit's second step: accuracy as a sigmoid of the loss, with bootstrap draws (fit.json "downstream")."""
+    loss, acc = np.asarray(loss, dtype=float), np.asarray(acc, dtype=float)
+    if len(loss) < 5:
+        raise LlmkitError(f"{source}: {len(loss)} points with an accuracy; the loss -> accuracy sigmoid (4 constants) needs 5+")
+    if float(np.ptp(acc)) <= 1e-9:
+        raise LlmkitError(f"{source}: every point has the same accuracy ({acc[0]:.4g}): no trend to fit; train the points longer")
+    theta = _fit_sigmoid(loss, acc)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, len(loss), size=len(loss))
+        if np.ptp(acc[rows]) > 1e-9 and len(np.unique(loss[rows])) >= 4:
+            draws.append(_fit_sigmoid(loss[rows], acc[rows]))
+    predicted = accuracy_of(theta, loss)
+    return {
+        "law": "Acc(L) = a / (1 + exp(-k (L - L0))) + b (Bhagia et al. 2024)",
+        "constants": dict(zip(DOWNSTREAM_NAMES, map(float, theta), strict=True)),
+        "r2": _r2(acc, predicted), "rmse": float(np.sqrt(np.mean((predicted - acc) ** 2))),
+        "points": [[float(x), float(y)] for x, y in zip(loss, acc, strict=True)],
+        "bootstrap": {"n_boot": n_boot, "n_ok": len(draws), "seed": seed, "level": LEVEL, "draws": np.asarray(draws).tolist()},
+    }
+
+
+def predicted_accuracy(law: Law, C: float) -> tuple[float, list[float] | None] | None:
+    """The downstream accuracy at the optimum of budget C, and its interval from the loss draws paired with the sigmoid's."""
+    down = law.downstream
+    if not down:
+        return None
+    best = compute_optimal(law.fit, C)
+    value = float(accuracy_of(down["constants"], best.loss))
+    sig = np.asarray(down.get("draws") or [], dtype=float).reshape(-1, 4)
+    if law.draws is None or not len(sig):
+        return value, None
+    values = []
+    for i, draw in enumerate(law.draws):
+        sample = chinchilla(dict(zip(LAW_NAMES, draw, strict=True)))
+        if sample.alpha > 0 and sample.beta > 0 and math.isfinite(sample.G):
+            values.append(float(accuracy_of(sig[i % len(sig)], compute_optimal(sample, C).loss)))
+    return value, _interval(np.asarray(values), law.level)
 
 
 @dataclass

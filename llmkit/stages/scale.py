@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from llmkit import __version__, dist, models, rundir
@@ -399,7 +400,10 @@ def _convention(points, rows: list[dict[str, Any]], chosen: str | None) -> str |
     return names.pop() if len(names) == 1 and points.columns.get("N") == "N" else None
 
 
-def fit(data: Path, output: Path | None = None, n_boot: int = 200, param_convention: str | None = None, seed: int = 0) -> str:
+def fit(
+    data: Path, output: Path | None = None, n_boot: int = 200, param_convention: str | None = None, seed: int = 0,
+    accuracy: str | None = None, accuracy_metric: str = "acc",
+) -> str:
     """`llmkit scale fit DATA`: fit the points, write fit.json and its plot, return the report."""
     data = Path(data)
     if n_boot < 0:
@@ -412,6 +416,12 @@ def fit(data: Path, output: Path | None = None, n_boot: int = 200, param_convent
     report["param_convention"] = _convention(points, rows, param_convention)
     report["sweep"] = str(data) if data.is_dir() else None
     report["provenance"] = _provenance(data, Path(points.source), report["param_convention"])
+    if accuracy is not None:
+        acc = _accuracies(rows, accuracy, accuracy_metric, Path(points.source))
+        report["downstream"] = {
+            "task": accuracy, "metric": accuracy_metric if accuracy not in rows[0] else accuracy,
+            **laws.fit_downstream(points.loss, acc, n_boot=n_boot, seed=seed, source=points.source),
+        }
     target = Path(output) if output else (data / "fit.json" if data.is_dir() else data.with_name(f"{data.stem}.fit.json"))
     picture = target.with_suffix(".png")
     write_fit_json(target, report)
@@ -420,6 +430,42 @@ def fit(data: Path, output: Path | None = None, n_boot: int = 200, param_convent
         print(line, flush=True)
     plots.plot_fit(report, points, rows, picture)
     return "\n".join([f"wrote:       {picture}", f"next:        llmkit scale recommend --flops 1e15 --fit {target}"])
+
+
+def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_file: Path) -> Any:
+    """Each point's downstream accuracy: a column of the points file (choice_acc when the sweep set train.choice_eval),
+    or metric in RUN_DIR/SOURCE/metrics.json, written by `llmkit eval` over each point."""
+    values = []
+    for i, row in enumerate(rows):
+        name = row.get("name") or f"row {i + 1}"
+        if source in row:
+            value = row[source]
+            where = f"{points_file}: {name}: column {source}"
+        else:
+            if not row.get("run_dir"):
+                raise LlmkitError(
+                    f"--accuracy {source}: {points_file} has no column {source} and no run_dir to find "
+                    f"{source}/metrics.json in; give a column name, e.g. --accuracy choice_acc"
+                )
+            path = Path(row["run_dir"]) / source / "metrics.json"
+            where = f"{path}: metrics.{metric}"
+            try:
+                value = json.loads(path.read_text(encoding="utf-8")).get("metrics", {}).get(metric)
+            except FileNotFoundError:
+                raise LlmkitError(
+                    f"--accuracy {source}: point {name} has no {path}; score it first: llmkit eval eval/choice-tiny "
+                    f"--set model.path={row['run_dir']} --set output_dir={path.parent}"
+                ) from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+                raise LlmkitError(f"--accuracy {source}: {path} is not a metrics.json of `llmkit eval` ({exc.__class__.__name__})") from None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise LlmkitError(f"--accuracy {source}: {where} is {value!r}, not an accuracy; was the point scored on the task?") from None
+        if not (0.0 <= number <= 1.0):
+            raise LlmkitError(f"--accuracy {source}: {where} is {number}, not an accuracy between 0 and 1")
+        values.append(number)
+    return np.asarray(values)
 
 
 def _provenance(data: Path, points_file: Path, param_convention: str | None) -> dict[str, Any]:
@@ -507,6 +553,13 @@ def fit_lines(report: dict[str, Any]) -> list[str]:
     if prov.get("data"):
         size = prov["data"].get("train_tokens")
         lines.append(f"data:        {prov['data']['fingerprint']}" + (f" ({size:,} training tokens)" if size else ""))
+    down = report.get("downstream")
+    if down:
+        c = down["constants"]
+        lines.append(
+            f"downstream:  {down['task']}: Acc(L) = {c['a']:.3g} / (1 + exp({-c['k']:.3g} (L - {c['L0']:.4g}))) + {c['b']:.3g}, "
+            f"R^2 {_fmt(down['r2'], 3)}, RMSE {down['rmse']:.4f} on {len(down['points'])} points (Bhagia et al. 2024)"
+        )
     if report.get("degenerate"):
         lines.append(f"warning:     degenerate fit: {report['degenerate']}; `scale recommend` refuses it")
     return lines
@@ -622,6 +675,11 @@ def recommend(
     elif law.convention != convention:
         lines.append(f"note:        the law counts N as {law.convention} parameters; the shape below is sized as {convention}")
     lines += _optimum_lines(best)
+    accuracy = laws.predicted_accuracy(law, C)
+    if accuracy is not None:
+        value, interval = accuracy
+        span = f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+        lines.append(f"accuracy:    {value:.3f}{span} predicted on {law.downstream['task']} ({law.downstream['metric']}) from that loss")
     lines.append(f"model:       {sized.describe()}" + (f" ({shape_note})" if shape_note else ""))
     lines.append(f"compute:     of this model on D* tokens, by convention: {conventions.side_by_side(per_token, best.D)} FLOPs")
     # 3. Steps at the base's batch, wall time at the sweep's measured speed, extrapolation warning.
@@ -682,7 +740,10 @@ def _unique_tokens(law: laws.Law, base_recipe) -> tuple[int | None, str]:
         vocab, tokenizer, note = _vocab(base_recipe)
         if tokenizer is None:
             return None, note
-        available = _available_tokens(base_recipe, tokenizer)
+        try:
+            available = _available_tokens(base_recipe, tokenizer)
+        except DataError as exc:
+            return None, f"--base's data cannot be read as training data: {exc}"
         if available is None:
             return None, "data.train is streamed: its size is unknown until read"
         return available, f"data.train of --base ({cache_key(base_recipe, tokenizer)})"
