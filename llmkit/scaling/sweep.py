@@ -57,7 +57,7 @@ RECORD_FIELDS = (
     "name", "N", "D", "C", "loss", "param_convention", "params_total", "params_non_embedding", "params_matmul",
     "target_params", "budget_flops", "layers", "hidden", "heads", "kv_heads", "intermediate", "steps",
     "tokens_per_step", "lr", "warmup_steps", "epochs", "val_tokens", "flops_per_token", "C_6N", "C_6N_output", "C_6N_attention",
-    "C_M", "choice_acc", "choice_acc_norm", "trunk", "branch_step", "trained_tokens", "wall_s", "tokens_per_s", "resumed_from", "run_dir",
+    "C_M", "trunk", "branch_step", "trained_tokens", "wall_s", "tokens_per_s", "resumed_from", "run_dir",
 )
 """The columns of sweep.jsonl and sweep.csv, in order (N, D, C, loss are what `llmkit scale fit` reads)."""
 
@@ -494,7 +494,6 @@ def make_record(point: Point, summary: dict[str, Any], wall_s: float, available_
         "steps": int(summary["step"]), "tokens_per_step": tokens_per_step(point.recipe), "lr": point.recipe.train.lr,
         "warmup_steps": point.recipe.train.warmup_steps,
         **{f"C_{name}": float(f"{point.per_token[name] * D:.6g}") for name in conventions.FLOP_CONVENTIONS},
-        "choice_acc": evaluation.get("choice_acc"), "choice_acc_norm": evaluation.get("choice_acc_norm"),
         "trunk": point.trunk, "branch_step": point.branch_step,
         "trained_tokens": D - (point.branch_step or 0) * tokens_per_step(point.recipe),
         "epochs": float(f"{D / available_tokens:.6g}") if available_tokens else None, "val_tokens": evaluation.get("val_tokens"),

@@ -433,14 +433,18 @@ def fit(
 
 
 def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_file: Path) -> Any:
-    """Each point's downstream accuracy: a column of the points file (choice_acc when the sweep set train.choice_eval),
-    or metric in RUN_DIR/SOURCE/metrics.json, written by `llmkit eval` over each point."""
+    """Each point's downstream accuracy: a column of the points file, a key of the point's last eval event (a task its
+    train.evals scored), or metric in RUN_DIR/SOURCE/metrics.json, written by `llmkit eval` over each point."""
     values = []
     for i, row in enumerate(rows):
         name = row.get("name") or f"row {i + 1}"
+        logged = planning.last_eval(Path(row["run_dir"]) / "metrics.jsonl") if row.get("run_dir") else {}
         if source in row:
             value = row[source]
             where = f"{points_file}: {name}: column {source}"
+        elif source in logged:
+            value = logged[source]  # a task the point's own train.evals scored at its last validation
+            where = f"{row['run_dir']}/metrics.jsonl: last eval event: {source}"
         else:
             if not row.get("run_dir"):
                 raise LlmkitError(
