@@ -117,8 +117,11 @@ def test_dpo_run_raises_heldout_accuracy_and_margin(tmp_path, tiny_model_dir, pr
     scored = json.loads((tmp_path / "ev-ref" / "metrics.json").read_text())["metrics"]
     assert against and scored["preference_accuracy"] == tuned["preference_accuracy"] and scored["pairs"] == 4
     assert scored["preference_margin"] == pytest.approx(tuned["preference_margin"], abs=1e-5)
-    evaluate(recipe_from_dict({**eval_recipe, "output_dir": str(tmp_path / "ev-free")}))
-    free = json.loads((tmp_path / "ev-free" / "metrics.json").read_text())["metrics"]
+    both = {**eval_recipe, "model": {"path": [str(tiny_model_dir), str(run)]}, "output_dir": str(tmp_path / "ev-free")}
+    evaluate(recipe_from_dict(both))  # a base model (no preference task of its own) reads the pairs plainly
+    results = json.loads((tmp_path / "ev-free" / "metrics.json").read_text())["models"]
+    assert results[0]["metrics"]["pairs"] == 4 and results[0]["protocol"]["preference"]["task_source"] == "plain {prompt} pairs"
+    free = results[1]["metrics"]
     model = AutoModelForCausalLM.from_pretrained(run)
     expected = [
         _sequence_logp(model, p["prompt"] + p["chosen"], len(p["prompt"])) - _sequence_logp(model, p["prompt"] + p["rejected"], len(p["prompt"]))

@@ -596,6 +596,6 @@ def test_sweep_under_accelerate_launch_writes_its_files_once(tmp_path, tokenizer
     assert [r["name"] for r in rows] == ["n4k_d2.56k", "n4k_d3.84k", "n4k_d5.12k", "n4k_d6.4k"]
     # 4 sequences x 32 tokens x 2 processes per step
     assert [(r["tokens_per_step"], r["steps"], r["D"]) for r in rows] == [(256, s, 256 * s) for s in (10, 15, 20, 25)]
-    assert first.stdout.count("next:   llmkit scale fit") == 1
+    assert first.stdout.count("next:    llmkit scale fit") == 1
     again = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stderr.count("finished, skipped") == 4

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llmkit import dist, models
+from llmkit import dist, models, prompts
 from llmkit.data.preference import check_pair_record
 from llmkit.data.sources import iter_located_records, source_names
 from llmkit.errors import RecipeError
@@ -73,8 +73,9 @@ class PreferenceEvaluator(Evaluator):
             task, source = self.task.task, "eval recipe"
         elif self.context.run_task is not None:
             task, source = self.context.run_task, "the training run's task"
-        else:
-            task, source = self.context.resolve_task(path, where)
+        else:  # a preference fine-tune formats its pairs as it trained; any other model (a base model) reads them plainly
+            trained = prompts.run_prompt(path)
+            task, source = (trained.task, trained.source) if trained.task is not None else (DEFAULT_TASK, "plain {prompt} pairs")
         if task.type != "preference":
             task, source = DEFAULT_TASK, "plain {prompt} pairs"
         return Plan(path, where, limit, {"task": task, "task_source": source, "seq_len": seq_len})
