@@ -55,6 +55,18 @@ class ChoiceGroup:
     solved: list[list[tuple[str, str]]] | None = None  # per question, its few-shot (context, answer) pairs when prompted
 
 
+
+def choice_window(task, path: str, config, where: str) -> Plan:
+    """A likelihood evaluator's plan: choice.max_length, refused above the model's positions (report N8)."""
+    limit = max_positions(config)
+    spec = task.choice
+    if spec.max_length is not None and limit is not None and spec.max_length > limit:
+        raise RecipeError(
+            f"choice.max_length ({spec.max_length}) is larger than the {limit} positions of {path}; "
+            f"set choice.max_length to at most {limit} (or null for the model's window)"
+        )
+    return Plan(path, where, limit)
+
 class MultipleChoiceEvaluator(Evaluator):
     """acc, acc_norm and acc_bytes of multiple-choice questions (MMLU-style subjects macro-averaged)."""
 
@@ -99,14 +111,7 @@ class MultipleChoiceEvaluator(Evaluator):
 
     def plan(self, path: str, config, where: str) -> Plan:
         """The scoring window: choice.max_length, at most the model's positions (N8: refused above them)."""
-        limit = max_positions(config)
-        spec = self.task.choice
-        if spec.max_length is not None and limit is not None and spec.max_length > limit:
-            raise RecipeError(
-                f"choice.max_length ({spec.max_length}) is larger than the {limit} positions of {path}; "
-                f"set choice.max_length to at most {limit} (or null for the model's window)"
-            )
-        return Plan(path, where, limit)
+        return choice_window(self.task, path, config, where)
 
     def _examples(self, group: ChoiceGroup, tokenizer) -> tuple[list[ChoiceExample], str]:
         """The group's questions ready to score, and the target delimiter (lm-eval drops it after a chat template)."""

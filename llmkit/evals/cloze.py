@@ -12,9 +12,9 @@ from llmkit.data.sources import source_names
 from llmkit.errors import RecipeError
 from llmkit.evals import prompting
 from llmkit.evals.base import Evaluator, Plan, Scored, chunks, no_progress, require_test
+from llmkit.evals.choice import choice_window
 from llmkit.metrics.choice import TARGET_DELIMITER, cloze_metrics
 from llmkit.metrics.choice_tasks import load_cloze_texts, score_cloze_shared
-from llmkit.models import max_positions
 
 TEXTS_PER_CHUNK = 64
 
@@ -40,14 +40,7 @@ class ClozeEvaluator(Evaluator):
 
     def plan(self, path: str, config, where: str) -> Plan:
         """choice.max_length at most the model's positions."""
-        limit = max_positions(config)
-        spec = self.task.choice
-        if spec.max_length is not None and limit is not None and spec.max_length > limit:
-            raise RecipeError(
-                f"choice.max_length ({spec.max_length}) is larger than the {limit} positions of {path}; "
-                f"set choice.max_length to at most {limit} (or null for the model's window)"
-            )
-        return Plan(path, where, limit)
+        return choice_window(self.task, path, config, where)
 
     def score(self, model, tokenizer, plan: Plan, progress=no_progress) -> Scored:
         """Score every text (each process its share)."""
