@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -105,7 +106,7 @@ def chunks(count: int, size: int) -> list[range]:
     return [range(i, min(i + size, count)) for i in range(0, count, size)]
 
 
-class Evaluator:
+class Evaluator(ABC):
     """One family of metrics; subclasses set `metrics` and `protocol_key` and implement the four steps."""
 
     metrics: ClassVar[tuple[str, ...]] = ()
@@ -122,13 +123,13 @@ class Evaluator:
         """Resolve this checkpoint's settings from its config (RecipeError when they cannot fit)."""
         return Plan(path, where, max_positions(config))
 
+    @abstractmethod
     def score(self, model, tokenizer, plan: Plan, progress: ProgressFactory = no_progress) -> Scored:
         """Score the model; every process returns the same metrics."""
-        raise NotImplementedError
 
+    @abstractmethod
     def protocol(self, plan: Plan, tokenizer) -> dict[str, Any]:
         """{section: what the numbers mean}, merged into metrics.json's protocol."""
-        raise NotImplementedError
 
     def prompt_protocol(self, plan: Plan) -> dict[str, Any]:
         """How the model's input was built (metrics.json protocol.prompt); raw text by default."""
