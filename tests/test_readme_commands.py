@@ -196,6 +196,7 @@ NOT_RUN = {
     "--num_processes 2": "a two-process launch (tests/test_distributed.py runs those)",
     "llmkit quickstart": "tests/test_quickstart.py runs it (slow)",
     "eval/gsm8k": "reads GSM8K from data/gsm8k/, which its recipe header says how to download",
+    "llmkit scale fit runs/scale-cpu-tiny --accuracy eval-choice --accuracy-metric acc": "needs every sweep point scored by `llmkit eval` first (18 evals, the page says so); tests/test_scale.py checks fit --accuracy",
     "llmkit pretrain runs/optimal.yaml": "trains the recommended model for the steps `scale recommend` printed; tests/test_scale.py checks the written recipe (shape, budget)",
     "pretrain/llama-1b": "a 1.1B model: a multi-GPU run",
 }
