@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from llmkit import dist
+from llmkit.data.sources import iter_located_records, source_names
 from llmkit.errors import DataError, RecipeError
 from llmkit.models import max_positions
 from llmkit.recipes import EvalTask, TaskSpec
@@ -166,3 +167,21 @@ def require_test(task: EvalTask, metric: str) -> None:
     """DataError when an evaluator that has no training default is given no data.test."""
     if task.data.test is None:
         raise DataError(f"data.test: {metric} needs test sources; set data.test (a file, glob or builtin:NAME)")
+
+
+def task_records(task: EvalTask, context: EvalContext, metric: str, records: str, unit: str) -> list[tuple[str, dict]]:
+    """(where, record) to score: data.test, or in training the run's validation records; RecipeError when there are none.
+
+    `metric` names the metric and `records` what it reads, for the messages; `unit` is what one record is.
+    """
+    data = task.data
+    if data.test is not None:
+        located = list(iter_located_records(data.test, max_samples=data.max_samples, encoding_errors=data.encoding_errors))
+    elif context.validation is not None:
+        located = list(context.validation)[: data.max_samples]
+    else:
+        raise RecipeError(f"data.test: {metric} needs {records}; set data.test")
+    if not located:
+        where = source_names(data.test) if data.test else "the run's validation records (none held out)"
+        raise RecipeError(f"data.test: {metric} has no {unit} to score in {where}; set data.test or hold out validation data")
+    return located

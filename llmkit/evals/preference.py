@@ -16,9 +16,8 @@ from typing import Any
 
 from llmkit import dist, models, prompts
 from llmkit.data.preference import check_pair_record
-from llmkit.data.sources import iter_located_records, source_names
 from llmkit.errors import RecipeError
-from llmkit.evals.base import Evaluator, Plan, Scored, chunks, no_progress
+from llmkit.evals.base import Evaluator, Plan, Scored, chunks, no_progress, task_records
 from llmkit.metrics.preference import margins, pair_logps, preference_summary, tokenize_test_pairs
 from llmkit.models import max_positions
 from llmkit.recipes import TaskSpec
@@ -44,16 +43,7 @@ class PreferenceEvaluator(Evaluator):
 
     def check(self) -> None:
         """Read data.test (in training: the run's validation pairs) and check every pair, before any weights load."""
-        data = self.task.data
-        if data.test is not None:
-            self.located = list(iter_located_records(data.test, max_samples=data.max_samples, encoding_errors=data.encoding_errors))
-        elif self.context.validation is not None:
-            self.located = list(self.context.validation)[: data.max_samples]
-        else:
-            raise RecipeError("data.test: preference needs {prompt, chosen, rejected} test records; set data.test")
-        if not self.located:
-            where = source_names(data.test) if data.test else "the run's validation records (none held out)"
-            raise RecipeError(f"data.test: preference has no pairs to score in {where}; set data.test or hold out validation data")
+        self.located = task_records(self.task, self.context, "preference", "{prompt, chosen, rejected} test records", "pairs")
         if self.task.task is not None and self.task.task.type != "preference":
             raise RecipeError(f"task.type: the preference metric reads preference pairs; set task.type: preference (got {self.task.task.type!r})")
         task = self._pair_task(self.task.task or self.context.run_task)

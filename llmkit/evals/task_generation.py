@@ -14,9 +14,8 @@ import time
 from typing import Any
 
 from llmkit import dist, prompts
-from llmkit.data.sources import iter_located_records, source_names
 from llmkit.errors import RecipeError
-from llmkit.evals.base import Evaluator, Plan, Scored, no_progress
+from llmkit.evals.base import Evaluator, Plan, Scored, no_progress, task_records
 from llmkit.generation import generate_ids
 from llmkit.metrics.rouge import aggregate, per_example_scores
 from llmkit.metrics.text import accuracy_scores, bleu, exact_match_scores
@@ -56,16 +55,7 @@ class TaskGenerationEvaluator(Evaluator):
                 import sacrebleu  # noqa: F401
             except ImportError:
                 raise RecipeError("metrics: bleu needs sacrebleu; pip install 'llmkit[bleu]' or drop bleu") from None
-        data = self.task.data
-        if data.test is not None:
-            self.located = list(iter_located_records(data.test, max_samples=data.max_samples, encoding_errors=data.encoding_errors))
-        elif self.context.validation is not None:
-            self.located = list(self.context.validation)[: data.max_samples]
-        else:
-            raise RecipeError(f"data.test: {', '.join(self.names)} needs test records; set data.test")
-        if not self.located:
-            where = source_names(data.test) if data.test else "the run's validation records (none held out)"
-            raise RecipeError(f"data.test: {', '.join(self.names)} has no records to score in {where}; set data.test or hold out validation data")
+        self.located = task_records(self.task, self.context, ", ".join(self.names), "test records", "records")
         if self.task.task is not None:
             self._check_task(self.task.task, "eval recipe")
         elif self.context.run_task is not None:
