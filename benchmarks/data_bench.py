@@ -16,6 +16,8 @@ Sides, each a fresh process with a fresh cache directory, measured with /usr/bin
 and peak resident memory), alternating within every repeat:
 
 - llmkit:    `python -m llmkit data prepare RECIPE` (stream, tokenize, write the flat token file).
+- llmkit-2proc: the same under `torchrun --nproc_per_node 2` (each process tokenizes every other chunk,
+             one entry at the end; peak RSS is the larger process's).
 - before:    the same command with an older llmkit checkout first on PYTHONPATH (--before DIR).
 - hf-map:    transformers' run_clm path: datasets.load_dataset("json") (writes Arrow),
              map(tokenize, batched=True), map(group_texts, batched=True).
@@ -130,6 +132,8 @@ def measure(side: str, cfg: dict, workdir: Path, before: str | None) -> dict:
             "train": {"max_steps": 1},
         }), encoding="utf-8")
         cmd = [sys.executable, "-m", "llmkit", "data", "prepare", str(recipe)]
+        if side == "llmkit-2proc":  # two processes of one launch, each tokenizing every other chunk
+            cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
         if side == "before":
             env["PYTHONPATH"] = before + os.pathsep + env.get("PYTHONPATH", "")
     timing = workdir / "time.txt"
@@ -146,7 +150,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--sides", default="llmkit,hf-map", help="Which of llmkit, before, hf-map to run.")
+    parser.add_argument("--sides", default="llmkit,hf-map", help="Which of llmkit, llmkit-2proc, before, hf-map to run.")
     parser.add_argument("--before", help="An older llmkit checkout (adds the 'before' side).")
     parser.add_argument("--workdir", help="Keep corpora and tokenizer here (reused across invocations).")
     parser.add_argument("--corpus", action="append", help="Benchmark this file (.jsonl or .txt) instead of the built corpora; repeatable.")

@@ -80,6 +80,32 @@ def _train(kind: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
+def _indented_json() -> str:
+    """~40 KB of indented JSON with string values: no line starts with a word character, no space precedes one."""
+    import json
+
+    policies = {f"Policy{i}": {"Effect": "Allow", "Action": [f"sts:Set{i}", "iam:Get"], "Resource": [f"arn:aws:iam::*:role/r_{i}"]}
+                for i in range(260)}
+    return json.dumps(policies, indent=1)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "bytelevel-prefix-space", "metaspace-unigram", "wordpiece"])
+def test_indented_json_is_cut_at_line_ends_token_for_token(kind):
+    from llmkit.data.tokens import DocumentEncoder
+
+    tokenizer = _train(kind)
+    text = _indented_json()
+    encoder = DocumentEncoder(tokenizer, batch_chars=5000, piece_chars=2000)
+    pieces = encoder.split(text)
+    # Before line-end cuts, such a document had no verified cut and was tokenized whole (a 6 MB one
+    # set the peak memory of a 0.5 GB corpus); now every piece is at most piece_chars.
+    assert encoder.unsplittable == 0
+    assert len(pieces) >= 15 and max(map(len, pieces)) <= 2000
+    joined = [i for _, ids, _ in encoder.pieces([(0, text)]) for i in ids]
+    whole = tokenizer(text)["input_ids"]
+    assert joined == (whole if whole[-1] == tokenizer.eos_token_id else whole + [tokenizer.eos_token_id])
+
+
 @pytest.mark.parametrize("kind", ["bytelevel", "bytelevel-prefix-space", "metaspace-unigram", "wordpiece"])
 def test_split_documents_tokenize_token_for_token_like_whole_ones(kind):
     from llmkit.data.tokens import DocumentEncoder

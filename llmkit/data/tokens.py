@@ -8,9 +8,9 @@ Memory stays flat however large the corpus or its documents are:
 - the tokenizer sees at most about BATCH_CHARS characters per call (a batch is bounded in text,
   not in documents, so 256 book-length records never meet in one call);
 - a document longer than PIECE_CHARS is cut into pieces and each piece is tokenized on its own.
-  A cut sits before a space or after a newline that precedes a word character, and is accepted
-  only when tokenizing CUT_CHECK_CHARS of text on each side of it as one string gives exactly the
-  ids of the two sides tokenized apart. So the ids of a split document are those of the whole
+  A cut sits before a space between two non-space characters, after a newline that precedes a word
+  character, or before a newline that follows a non-space character, and is accepted only when tokenizing CUT_CHECK_CHARS of text
+  on each side of it as one string gives exactly the ids of the two sides tokenized apart. So the ids of a split document are those of the whole
   document, token for token (tests/test_data_scale.py checks this on byte-level BPE, Metaspace and
   WordPiece tokenizers). A document with no such cut is tokenized whole, as before;
 - token ids go to disk as they are produced (`TokenWriter`); the cache records an xxh3 checksum of each file.
@@ -23,10 +23,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-BATCH_CHARS = 4 << 20
-"""Characters of text per tokenizer call: the bound on tokenization memory (~100 bytes per token in flight)."""
+BATCH_CHARS = 1 << 20
+"""Characters of text per tokenizer call: the bound on tokenization memory (~100 bytes per token in flight).
 
-PIECE_CHARS = 1 << 20
+benchmarks/RESULTS.md "Data preparation at scale": 1 MB calls peak ~300 MB lower than 4 MB calls at
+the same speed (the encodings of a call, not the tokenizer's work, set the peak)."""
+
+PIECE_CHARS = 1 << 18
 """Documents longer than this many characters are tokenized in pieces of at most about this size."""
 
 CUT_CHECK_CHARS = 1024
@@ -35,7 +38,11 @@ CUT_CHECK_CHARS = 1024
 CUT_TRIES = 32
 """Candidate cuts tried per piece before the rest of the document is tokenized whole."""
 
-_CUT = re.compile(r"(?<=\S) (?=\w)|(?<=\n)(?=\w)")  # before " word" or at the start of a line
+# Candidate cuts: before a single space between two non-spaces, at the start of a line that begins with
+# a word character, at the end of a line. Indented JSON or YAML has few of the first kind and none of the
+# second; tokenizers that prefix a space to every text (Metaspace, add_prefix_space) only pass the first.
+# Each candidate is verified before use.
+_CUT = re.compile(r"(?<=\S) (?=\S)|(?<=\n)(?=\w)|(?<=\S)(?=\n)")
 
 
 def token_id_bound(tokenizer) -> int:
