@@ -148,6 +148,17 @@ def test_asking_for_fsdp_with_one_process_is_refused_before_writing(finished, tm
     assert not out.exists()
 
 
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_eval_under_a_sharded_launch_is_refused_naming_the_launch_without_it(tmp_path, monkeypatch, variable, name):
+    """Eval keeps a whole model per process; under an FSDP/DeepSpeed config it would silently replicate."""
+    out = tmp_path / "eval-out"
+    monkeypatch.setenv(variable, "true")
+    result = CliRunner().invoke(app, ["eval", "eval/perplexity", "--set", f"output_dir={out}"])
+    assert_clean_error(result, f"the launch asked for {name} ({variable}=true), but llmkit eval keeps a whole model in each process")
+    assert "accelerate launch --num_processes 1 -m llmkit eval" in result.output
+    assert not out.exists()
+
+
 def test_a_launch_that_gets_another_kind_is_refused():
     parallelism.check_obtained("ddp", Layout("ddp", 2))
     with pytest.raises(RecipeError, match=r"asked for DeepSpeed .* but accelerate set up DDP, 2 processes; refusing"):

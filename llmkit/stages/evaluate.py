@@ -34,6 +34,7 @@ from llmkit.evals.scoring import TaskRun, plan_tasks, prepare_tasks, progress_ba
 from llmkit.evals.suite import SUITE_PROTOCOL, suite_score
 from llmkit.models import check_causal, check_model_dir, checkpoint_config, load_model
 from llmkit.recipes import EvalRecipe, EvalTask, TaskSpec
+from llmkit.training import parallelism
 from llmkit.training.hardware import threads_note
 
 OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "comparison.md", "comparison.json", "recipe.yaml")
@@ -242,6 +243,7 @@ def comparison_table(table: dict[str, Any], markdown: bool = True) -> str:
 
 def run(recipe: EvalRecipe, overwrite: bool = False) -> dict[str, Any]:
     """`llmkit eval`: score every checkpoint of the recipe and write metrics.json, predictions.jsonl, comparison."""
+    parallelism.check_replicated("eval")  # before output_dir is touched
     # One eval per output_dir at a time; taking the lock also proves output_dir writable before any scoring.
     with rundir.locked(recipe.output_dir):
         return _run(recipe, overwrite)

@@ -122,6 +122,21 @@ def check_requested(requested: str) -> None:
         raise RecipeError(f"{_requested_source(requested)} but deepspeed is not installed: pip install deepspeed")
 
 
+def check_replicated(command: str) -> None:
+    """Refuse a sharded launch for a command that keeps a whole model in every process (`llmkit eval`).
+
+    Scoring is data-parallel: each process holds the full model and scores its share of the examples.
+    Running it under an FSDP or DeepSpeed config would silently replicate what the user asked to shard.
+    """
+    requested = requested_kind()
+    if requested in ("fsdp", "deepspeed"):
+        raise RecipeError(
+            f"{_requested_source(requested)}, but llmkit {command} keeps a whole model in each process and "
+            f"shares out the examples, not the weights; launch it without that config: "
+            f"accelerate launch --num_processes {dist.world_size()} -m llmkit {command} ..."
+        )
+
+
 def _cpu_processes() -> bool:
     import torch
 
