@@ -226,6 +226,25 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_model_dir, data_dir):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_a_resume_whose_training_records_changed_exits_2_naming_the_file(tmp_path, tiny_model_dir, data_dir):
+    records = tmp_path / "cls.jsonl"
+    records.write_text((data_dir / "cls.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    raw = make_recipe(tmp_path, tiny_model_dir, {"type": "classification"}, str(records), steps=3, train={"evals": []})
+    assert run_cli(tmp_path, raw, "finetune").exit_code == 0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
+    assert str(records.resolve()) in state["data_fingerprint"]["files"]
+    lines = records.read_text(encoding="utf-8").splitlines(keepends=True)
+    records.write_text("".join(lines[: len(lines) // 2]), encoding="utf-8")  # halved between the runs
+    cache_before = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    raw["train"]["max_steps"] = 6
+    result = run_cli(tmp_path, raw, "finetune")
+    assert result.exit_code == 2, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert str(records.resolve()) in message and "changed since the checkpoint" in message and "--overwrite" in message
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache_before  # refused before tokenizing
+    assert not (tmp_path / "run" / "checkpoints" / "step-00000006").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one line naming file/line/key, exit code 2, nothing written
 # ----------------------------------------------------------------------------------------------

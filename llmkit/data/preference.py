@@ -355,4 +355,5 @@ def build_train_data(recipe: FinetuneRecipe, data: PairData, tokenizer, objectiv
         description=description,
         extra={"train_stats": asdict(data.train_stats), "validation_stats": asdict(data.validation_stats)},
         objective=objective,
+        fingerprint=sft.training_files(recipe),
     )

@@ -24,11 +24,12 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from llmkit.data.batches import TrainData, grouped_batch_order, shuffled_batch_order
 from llmkit.data.cache import build_once, cache_root, entry_name, tokenizer_fingerprint
 from llmkit.data.packing import IGNORE_INDEX, pack_examples, packed_collate, padded_collate
-from llmkit.data.sources import decoding_settings, fingerprint, iter_located_records
+from llmkit.data.sources import decoding_settings, file_states, fingerprint, iter_located_records
 from llmkit.data.splits import held_out_indices
 from llmkit.errors import DataError, ModelError
 from llmkit.prompts import (
@@ -322,6 +323,11 @@ def tokenize_splits(recipe: FinetuneRecipe, tokenizer, train, validation) -> SFT
     )
 
 
+def training_files(recipe: FinetuneRecipe) -> dict[str, Any]:
+    """TrainData.fingerprint of a fine-tune: each training file's size and mtime (a checkpoint records it)."""
+    return {"files": file_states(recipe.data.train)}
+
+
 def build_train_data(recipe: FinetuneRecipe, sft: SFTData, tokenizer, packing: bool):
     """The `TrainData` for fit: packed rows or length-grouped examples, with the matching collate."""
     pad_id = tokenizer.pad_token_id
@@ -355,4 +361,5 @@ def build_train_data(recipe: FinetuneRecipe, sft: SFTData, tokenizer, packing: b
         eval_collate_fn=padded_collate(pad_id),
         description=description,
         extra={"train_stats": sft.train_stats.__dict__, "validation_stats": sft.validation_stats.__dict__},
+        fingerprint=training_files(recipe),
     )

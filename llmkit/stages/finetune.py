@@ -23,11 +23,13 @@ from typing import Any
 
 from llmkit import dist, models, prompts, rundir
 from llmkit.data import preference, sft
+from llmkit.data.batches import check_same_data
 from llmkit.data.splits import builtin_validation_warning
 from llmkit.errors import RecipeError
 from llmkit.evals.training import training_evals
 from llmkit.recipes import FinetuneRecipe
 from llmkit.metrics.preference import pair_logps
+from llmkit.training import checkpoints
 from llmkit.training.hardware import resolve_mixed_precision
 from llmkit.training.loop import check_launch, fit
 from llmkit.training.preference import frozen_reference, preference_objective
@@ -45,6 +47,13 @@ def check(recipe: FinetuneRecipe) -> None:
     warning = builtin_validation_warning(recipe.data)
     if warning:
         dist.log(warning)
+
+
+def check_resume_data(recipe: FinetuneRecipe, resume_from) -> None:
+    """Before tokenizing: a resume whose training records changed since its checkpoint is refused, naming the file."""
+    if resume_from is not None:
+        saved = checkpoints.read_trainer_state(resume_from).get("data_fingerprint")
+        check_same_data(saved, sft.training_files(recipe), resume_from)
 
 
 def load_tokenizer(recipe: FinetuneRecipe):
@@ -73,7 +82,9 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     # train.evals reads its records now; without data.test a task scores the run's validation records.
     extra_eval = training_evals(recipe.train.evals, tokenizer, run_task=recipe.task, validation=validation)
     models.training_config(recipe, tokenizer)
-    check_launch(recipe, rundir.check_run_dir(recipe, overwrite=overwrite))
+    resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
+    check_launch(recipe, resume_from)
+    check_resume_data(recipe, resume_from)
 
     # 2. Tokenize (cached) and report what did not fit.
     examples = sft.tokenize_splits(recipe, tokenizer, train, validation)
@@ -187,7 +198,9 @@ def _run_preference(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     # train.evals (benchmarks scored while training) works as for every fine-tune; pairs are not its validation records.
     extra_eval = training_evals(recipe.train.evals, tokenizer, run_task=recipe.task)
     models.training_config(recipe, tokenizer)
-    check_launch(recipe, rundir.check_run_dir(recipe, overwrite=overwrite))
+    resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
+    check_launch(recipe, resume_from)
+    check_resume_data(recipe, resume_from)
 
     # 2. Tokenize (cached) and report what did not fit.
     pairs = preference.tokenize_splits(recipe, tokenizer, train, validation)
