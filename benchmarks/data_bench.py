@@ -134,10 +134,13 @@ def measure(side: str, cfg: dict, workdir: Path, before: str | None) -> dict:
         cmd = [sys.executable, "-m", "llmkit", "data", "prepare", str(recipe)]
         if side == "llmkit-2proc":  # two processes of one launch, each tokenizing every other chunk
             cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
-        if side == "before":
-            env["PYTHONPATH"] = before + os.pathsep + env.get("PYTHONPATH", "")
+        # This checkout's llmkit, or the older one, first on the path (not whatever is installed).
+        checkout = before if side == "before" else str(HERE.parent.parent)
+        env["PYTHONPATH"] = checkout + os.pathsep + env.get("PYTHONPATH", "")
     timing = workdir / "time.txt"
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timing), *cmd], env=env, capture_output=True, text=True)
+    # cwd=workdir: `python -m` puts the working directory first on sys.path, which would shadow --before.
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timing), *cmd], env=env, capture_output=True, text=True,
+                          cwd=workdir)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
     seconds, peak_kb = timing.read_text().split()[-2:]
