@@ -329,16 +329,19 @@ class LMBuild:
             rows = sorted((row for part in parts for row in part["chunks"]), key=lambda row: row[0])
             for split, column in (("train", 1), ("validation", 3)):
                 out = TokenWriter(tmp, split, self.dtype)
-                inputs = [_part_arrays(tmp, f"{split}.part{k}", self.dtype) for k in range(workers)]
+                # Token parts are read chunk by chunk with plain reads: a memory map would keep every page
+                # it touched resident, and the merge touches all of them (peak RSS would grow with the corpus).
+                token_parts = [open(tmp / f"{split}.part{k}.tokens.bin", "rb") for k in range(workers)]
+                doc_parts = [np.fromfile(tmp / f"{split}.part{k}.docs.bin", dtype=np.int64) for k in range(workers)]
                 cursors = [[0, 0] for _ in range(workers)]  # (token, document) read so far in each part
                 for row in rows:
                     k, (tokens, docs) = row[0] % workers, row[column : column + 2]
-                    part_tokens, part_docs = inputs[k]
                     t, d = cursors[k]
-                    out.add_arrays(part_tokens[t : t + tokens], part_docs[d : d + docs] - t)
+                    out.add_arrays(np.fromfile(token_parts[k], dtype=self.dtype, count=tokens), doc_parts[k][d : d + docs] - t)
                     cursors[k] = [t + tokens, d + docs]
                 out.close()
-                del inputs
+                for f in token_parts:
+                    f.close()
                 for k in range(workers):
                     for kind in ("tokens", "docs"):
                         (tmp / f"{split}.part{k}.{kind}.bin").unlink()
@@ -368,15 +371,6 @@ class LMBuild:
             f"in {seconds:.1f}s ({meta['tokens_per_s']:,} tokens/s{f', {workers} processes' if workers > 1 else ''})"
         )
         return meta
-
-
-def _part_arrays(tmp: Path, stem: str, dtype):
-    """(tokens memory-mapped, document starts) of one worker's part files."""
-    import numpy as np
-
-    tokens_path = tmp / f"{stem}.tokens.bin"
-    tokens = np.memmap(tokens_path, dtype=dtype, mode="r") if tokens_path.stat().st_size else np.zeros(0, dtype=dtype)
-    return tokens, np.fromfile(tmp / f"{stem}.docs.bin", dtype=np.int64)
 
 
 def meta_stats(meta: dict[str, Any], split: str, seq_len: int) -> PackStats:
