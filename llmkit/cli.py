@@ -281,6 +281,18 @@ def scale_hp(recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = F
         typer.echo(table)
 
 
+@scale_app.command("eval")
+@handles_errors
+def scale_eval(
+    sweep: Annotated[Path, typer.Argument(help="A sweep directory (holding sweep.jsonl).")],
+    recipe: RecipeArg, set_: SetOpt = None, overwrite: OverwriteOpt = False,
+) -> None:
+    """Score every finished point of a sweep with one eval recipe (into POINT/NAME, NAME its output_dir's), for fit --accuracy NAME."""
+    table = stage("scale eval").score(sweep, load_recipe(recipe, set_, stage="eval"), overwrite=overwrite)
+    if table:
+        typer.echo(table)
+
+
 @scale_app.command("fit")
 @handles_errors
 def scale_fit(
@@ -289,7 +301,7 @@ def scale_fit(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples for the intervals (0: none).")] = 200,
     param_convention: ConventionOpt = None,
     accuracy: Annotated[Optional[str], typer.Option(
-        "--accuracy", help="Also fit accuracy from loss: a points column (choice_acc) or the eval dir in each point (RUN_DIR/NAME/metrics.json).")] = None,
+        "--accuracy", help="Also fit accuracy from loss: a points column (choice_acc) or the eval dir in each point (POINT/NAME/metrics.json of `scale eval`).")] = None,
     accuracy_metric: Annotated[str, typer.Option("--accuracy-metric", help="The metrics.json key to read (acc, acc_norm).")] = "acc",
 ) -> None:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (or a one-variable law) with intervals; write fit.json and a plot."""

@@ -43,6 +43,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("data inspect", "data", "inspect"),
     Command("scale sweep", "scale", "sweep", computes=True, runs="scale"),
     Command("scale hp", "scale", "hp", computes=True),
+    Command("scale eval", "scale", "score", computes=True),
     Command("scale fit", "scale", "fit"),
     Command("scale recommend", "scale", "recommend"),
     Command("recipes list", None, None),

@@ -220,3 +220,22 @@ def test_scale_hp_without_a_grid_exits_2(tmp_path, tokenizer_dir, corpus):  # no
     path.write_text(yaml.safe_dump(bad))
     assert_clean_error(runner.invoke(app, ["scale", "hp", str(path)]), "hp.lrs has 2 value(s); give at least 3")
     assert not (tmp_path / "sweep-hp").exists()
+
+
+def test_validate_prints_the_hp_grid_and_refuses_a_bad_one(tmp_path, tokenizer_dir, corpus):  # noqa: F811
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_sweep_dict(tmp_path, tokenizer_dir, corpus, BRANCH_GRID, hp=HP_GRID, allow_repeat=True)))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"hp grid:          32 runs of `llmkit scale hp` in {tmp_path / 'sweep-hp'}: 2 sizes x 4 batches x 4 learning rates" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.endswith(tuple("0123456789")) and "_lr*" in line]
+    recipe = recipe_from_dict(yaml.safe_load(path.read_text()), stage="scale")
+    points = planning.hp_points(recipe, 512)
+    assert [r[0] for r in rows] == [p.name.rsplit("_lr", 1)[0] + "_lr*" for p in points[::4]]
+    assert [int(r[6].replace(",", "")) for r in rows] == [p.steps for p in points[::4]]
+    # A grid `scale hp` would refuse is refused by validate, before anything runs.
+    short = {**HP_GRID, "tokens_per_param": 0.5}
+    path.write_text(yaml.safe_dump(_sweep_dict(tmp_path, tokenizer_dir, corpus, BRANCH_GRID, hp=short, allow_repeat=True)))
+    assert_clean_error(runner.invoke(app, ["validate", str(path)]), "hp: run", "step(s)", "hp.tokens_per_param")

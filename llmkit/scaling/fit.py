@@ -463,7 +463,10 @@ def fit_chinchilla(N: Any, D: Any, loss: Any, *, delta: float = 1e-3, top_k: int
 def predict(fit: ChinchillaFit, N: Any, D: Any) -> Any:
     """Predicted loss E + A/N^alpha + B/D^beta (a float for scalar N and D, else an array)."""
     N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
-    loss = fit.E + fit.A * N ** (-fit.alpha) + fit.B * D ** (-fit.beta)
+    # A degenerate fit (alpha far below 0, A near 0) overflows away from its points: inf or nan is the honest answer,
+    # which callers check (held-out refits, plots), not a RuntimeWarning printed to the user.
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss = fit.E + fit.A * N ** (-fit.alpha) + fit.B * D ** (-fit.beta)
     return float(loss) if np.ndim(loss) == 0 else loss
 
 

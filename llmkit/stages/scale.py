@@ -1,8 +1,9 @@
-"""`llmkit scale sweep | fit | recommend`: measure a scaling law on your data, fit it, and size a model with it.
+"""`llmkit scale sweep | hp | eval | fit | recommend`: measure a scaling law on your data, fit it, and size a model with it.
 
     llmkit tokenizer train tokenizer/tiny
-    llmkit scale sweep scale/cpu-tiny                     # 9 tiny llamas on Python's docs (CPU, minutes)
+    llmkit scale sweep scale/cpu-tiny                     # 18 tiny llamas on Python's docs, branched (CPU, minutes)
     llmkit scale fit runs/scale-cpu-tiny                  # L(N, D) with intervals -> fit.json, fit.png
+    llmkit scale eval runs/scale-cpu-tiny eval/choice-tiny   # every point on a multiple-choice task, for fit --accuracy
     llmkit scale recommend --flops 1e15 --fit runs/scale-cpu-tiny --write-recipe runs/optimal.yaml
 
 A sweep is a directory: recipe.yaml (the sweep recipe), points/NAME/ (each an ordinary `llmkit pretrain`
@@ -31,7 +32,7 @@ import yaml
 from llmkit import __version__, dist, models, rundir
 from llmkit.data.lm import cache_key, lm_train_data
 from llmkit.errors import DataError, LlmkitError, RecipeError
-from llmkit.recipes import ScaleRecipe, load_recipe, recipe_from_dict, recipe_to_yaml, resolve_recipe_path
+from llmkit.recipes import EvalRecipe, ScaleRecipe, load_recipe, recipe_from_dict, recipe_to_yaml, resolve_recipe_path
 from llmkit.scaling import conventions, laws, plots, rules, shapes
 from llmkit.scaling import sweep as planning
 from llmkit.scaling.fit import load_points, write_fit_json
@@ -62,11 +63,14 @@ def _vocab(recipe) -> tuple[int | None, Any, str]:
 
 
 def plan_lines(recipe: ScaleRecipe, plan: planning.Plan | None = None, note: str = "") -> list[str]:
-    """What a sweep will run: its base, rules and one line per point (shape, N, D, C, steps, lr)."""
+    """What a sweep will run: its base, rules and one line per point (shape, N, D, C, steps, lr); for `llmkit validate`
+    (no plan given) also the hp grid of `llmkit scale hp`, checked as that command checks it."""
+    hp_lines = []
     if plan is None:
         base, _ = planning.base_recipe(recipe)
         vocab, _, note = _vocab(base)
         plan = planning.plan(recipe, vocab)
+        hp_lines = _hp_lines(recipe, vocab) if recipe.hp is not None else []
     base = plan.base
     grid = recipe.grid
     mode = f"{len(grid.flops)} IsoFLOP budget(s)" if grid.flops else f"{len(grid.sizes)} sizes x {len(grid.tokens)} token budgets"
@@ -101,6 +105,26 @@ def plan_lines(recipe: ScaleRecipe, plan: planning.Plan | None = None, note: str
     lines.append(total + f", {sum(6.0 * p.N * p.tokens for p in plan.points):.3g} FLOPs of points (6 N D)")
     lines += [f"note:             {n}" for n in plan.notes + ([note] if note else [])]
     lines.append(f"output_dir:       {recipe.output_dir}")
+    return lines + hp_lines
+
+
+def _hp_lines(recipe: ScaleRecipe, vocab: int | None) -> list[str]:
+    """What `llmkit scale hp` runs: one line per size and batch, each tried at every learning rate of hp.lrs."""
+    grid = recipe.hp
+    points = planning.hp_points(recipe.model_copy(update={"output_dir": planning.hp_dir(recipe)}), vocab)
+    tokens = sum(p.steps * planning.tokens_per_step(p.recipe) for p in points)
+    lines = [
+        f"hp grid:          {len(points)} runs of `llmkit scale hp` in {planning.hp_dir(recipe)}: {len(grid.sizes)} sizes x "
+        f"{len(grid.batch_tokens)} batches x {len(grid.lrs)} learning rates ({', '.join(f'{lr:g}' for lr in grid.lrs)}); "
+        f"{tokens:,} tokens",
+        f"{'hp run':<22} {'layers':>6} {'hidden':>6} {'N':>10} {'D':>10} {'batch':>6} {'steps':>6} {'warmup':>6}",
+    ]
+    for p in points[::len(grid.lrs)]:  # hp_points orders size, batch, lr
+        s = p.sized.shape
+        lines.append(
+            f"{p.name.rsplit('_lr', 1)[0] + '_lr*':<22} {s.layers:>6} {s.hidden:>6} {p.N:>10,} {p.tokens:>10,} "
+            f"{planning.tokens_per_step(p.recipe):>6,} {p.steps:>6,} {p.recipe.train.warmup_steps:>6,}"
+        )
     return lines
 
 
@@ -366,6 +390,59 @@ def hp(recipe: ScaleRecipe, overwrite: bool = False) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Downstream scores of the points
+# ----------------------------------------------------------------------------------------------
+
+
+def score(sweep_dir: Path, recipe: EvalRecipe, overwrite: bool = False) -> str:
+    """`llmkit scale eval SWEEP RECIPE`: score every finished point with one eval recipe, each into POINT/NAME, NAME
+    the last part of the recipe's output_dir (what `scale fit --accuracy NAME` reads); points already scored by the
+    same recipe are skipped, so a sweep that grew is scored point by point as it grows."""
+    from llmkit.stages import evaluate  # torch and transformers: only when the command runs
+
+    sweep_dir = Path(sweep_dir)
+    points_file = sweep_dir / "sweep.jsonl"
+    if not points_file.is_file():
+        raise LlmkitError(f"{sweep_dir}: no sweep.jsonl (not a sweep directory, or no point has finished); run `llmkit scale sweep` first")
+    rows = _rows(points_file)
+    name = recipe.output_dir.name
+    # 1. Every point's eval recipe, and its directory claimed, before any model loads: a refusal writes nothing.
+    todo = []
+    for i, row in enumerate(rows):
+        run_dir = _point_dir(row, sweep_dir)
+        if run_dir is None or not run_dir.is_dir():
+            raise LlmkitError(f"{points_file}: point {row.get('name') or i + 1}: its run directory {run_dir} does not exist")
+        point_recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": str(run_dir)}),
+                                                 "output_dir": run_dir / name})
+        claimed = rundir.claim(point_recipe, overwrite, what="eval")
+        done = claimed.state == "same" and (run_dir / name / "metrics.json").is_file()
+        todo.append((row, point_recipe, done))
+    # 2. Score the points not yet scored, one model at a time, in this process.
+    results = []
+    for index, (row, point_recipe, done) in enumerate(todo, start=1):
+        metrics_file = Path(point_recipe.output_dir) / "metrics.json"
+        if done:
+            dist.log(f"scale eval: point {index}/{len(todo)} {row['name']}: scored already, skipped ({metrics_file})")
+            metrics = json.loads(metrics_file.read_text(encoding="utf-8")).get("metrics", {})
+        else:
+            dist.log(f"scale eval: point {index}/{len(todo)} {row['name']}: {point_recipe.model.path}")
+            metrics = evaluate.run(point_recipe, overwrite=overwrite).get("metrics", {})
+        results.append((row, metrics))
+    if dist.rank() != 0:
+        return ""
+    keys = [k for k, v in results[0][1].items() if isinstance(v, float) and not k.endswith("_stderr")][:4]
+    lines = [f"{'point':<22} {'N':>12} {'D':>12} {'loss':>8} " + " ".join(f"{k:>10}" for k in keys)]
+    for row, metrics in results:
+        values = " ".join(f"{_fmt(metrics.get(k), 4):>10}" for k in keys)
+        lines.append(f"{row['name']:<22} {int(float(row['N'])):>12,} {int(float(row['D'])):>12,} {float(row['loss']):>8.4f} {values}")
+    lines += [
+        f"wrote:   {sweep_dir / planning.POINTS}/NAME/{name}/metrics.json for {len(results)} points",
+        f"next:    llmkit scale fit {sweep_dir} --accuracy {name} --accuracy-metric {keys[0] if keys else 'acc'}",
+    ]
+    return "\n".join(lines)
+
+
 def result_lines(records: list[dict[str, Any]]) -> list[str]:
     """The sweep's results as a table."""
     lines = [f"{'point':<22} {'N':>12} {'D':>12} {'C':>9} {'loss':>8} {'wall s':>8} {'tokens/s':>9}"]
@@ -417,7 +494,7 @@ def fit(
     report["sweep"] = str(data) if data.is_dir() else None
     report["provenance"] = _provenance(data, Path(points.source), report["param_convention"])
     if accuracy is not None:
-        acc = _accuracies(rows, accuracy, accuracy_metric, Path(points.source))
+        acc = _accuracies(rows, accuracy, accuracy_metric, Path(points.source), data if data.is_dir() else None)
         report["downstream"] = {
             "task": accuracy, "metric": accuracy_metric if accuracy not in rows[0] else accuracy,
             **laws.fit_downstream(points.loss, acc, n_boot=n_boot, seed=seed, source=points.source),
@@ -432,33 +509,45 @@ def fit(
     return "\n".join([f"wrote:       {picture}", f"next:        llmkit scale recommend --flops 1e15 --fit {target}"])
 
 
-def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_file: Path) -> Any:
+def _point_dir(row: dict[str, Any], sweep_dir: Path | None) -> Path | None:
+    """Where a point's run directory is now: SWEEP/points/NAME for a sweep directory (its run_dir column names where
+    the point was trained, stale once the sweep was moved or copied), else the run_dir column."""
+    if sweep_dir is not None and row.get("name"):
+        here = sweep_dir / planning.POINTS / str(row["name"])
+        if here.is_dir():
+            return here
+    return Path(row["run_dir"]) if row.get("run_dir") else None
+
+
+def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_file: Path, sweep_dir: Path | None) -> Any:
     """Each point's downstream accuracy: a column of the points file, a key of the point's last eval event (a task its
-    train.evals scored), or metric in RUN_DIR/SOURCE/metrics.json, written by `llmkit eval` over each point."""
+    train.evals scored), or metric in RUN_DIR/SOURCE/metrics.json, written by `llmkit scale eval` over the points."""
     values = []
     for i, row in enumerate(rows):
         name = row.get("name") or f"row {i + 1}"
-        logged = planning.last_eval(Path(row["run_dir"]) / "metrics.jsonl") if row.get("run_dir") else {}
+        run_dir = _point_dir(row, sweep_dir)
+        logged = planning.last_eval(run_dir / "metrics.jsonl") if run_dir is not None else {}
         if source in row:
             value = row[source]
             where = f"{points_file}: {name}: column {source}"
         elif source in logged:
             value = logged[source]  # a task the point's own train.evals scored at its last validation
-            where = f"{row['run_dir']}/metrics.jsonl: last eval event: {source}"
+            where = f"{run_dir}/metrics.jsonl: last eval event: {source}"
         else:
-            if not row.get("run_dir"):
+            if run_dir is None:
                 raise LlmkitError(
                     f"--accuracy {source}: {points_file} has no column {source} and no run_dir to find "
                     f"{source}/metrics.json in; give a column name, e.g. --accuracy choice_acc"
                 )
-            path = Path(row["run_dir"]) / source / "metrics.json"
+            path = run_dir / source / "metrics.json"
             where = f"{path}: metrics.{metric}"
             try:
                 value = json.loads(path.read_text(encoding="utf-8")).get("metrics", {}).get(metric)
             except FileNotFoundError:
+                sweep = sweep_dir if sweep_dir is not None else "SWEEP"
                 raise LlmkitError(
-                    f"--accuracy {source}: point {name} has no {path}; score it first: llmkit eval eval/choice-tiny "
-                    f"--set model.path={row['run_dir']} --set output_dir={path.parent}"
+                    f"--accuracy {source}: point {name} has no {path}; score every point first: llmkit scale eval {sweep} "
+                    f"eval/choice-tiny --set output_dir={source}"
                 ) from None
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
                 raise LlmkitError(f"--accuracy {source}: {path} is not a metrics.json of `llmkit eval` ({exc.__class__.__name__})") from None
