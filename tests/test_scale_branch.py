@@ -208,6 +208,27 @@ def test_scale_hp_fits_the_rule_the_runs_follow_and_the_sweep_uses_it(tmp_path, 
     for p in plan.points:
         assert p.recipe.train.lr == pytest.approx(0.5 * p.N**-0.5)
         assert planning.tokens_per_step(p.recipe) == 32 * round(4 * p.N**0.5 / 32)  # whole sequences of 32 tokens
+    assert not [n for n in plan.notes if n.startswith("hp_fit")]  # the sweep's sizes are the ones the rule was fitted at
+    # A size beyond the hp grid's extrapolates the rule: the plan says how far.
+    wider = planning.plan(recipe_from_dict({**fitted, "grid": {**big, "sizes": [4_000, 16_000, 64_000]}}, stage="scale"), 512)
+    fitted_at = [p["N"] for p in json.loads(hp_file.read_text())["per_size"]]
+    largest = max(p.N for p in wider.points)
+    note = next(n for n in wider.notes if n.startswith("hp_fit"))
+    assert f"N = {min(fitted_at):,} .. {max(fitted_at):,}" in note and f"N = {largest:,} extrapolate" in note
+    assert f"up to {largest / max(fitted_at):.1f}x beyond" in note
+
+
+def test_scale_hp_flags_a_best_batch_at_the_edge_of_its_grid(tmp_path, tokenizer_dir, corpus, monkeypatch):  # noqa: F811
+    """The fake loss's best batch is 4 N^0.5 tokens (~250 at N = 4,000, ~500 at 16,000): a grid up to 512 bounds the second."""
+    monkeypatch.setattr(pretrain_stage, "run", FakeHpRun())
+    grid = {**HP_GRID, "batch_tokens": [128, 256, 512]}
+    out = scale.hp(recipe_from_dict(_sweep_dict(tmp_path, tokenizer_dir, corpus, BRANCH_GRID, hp=grid, allow_repeat=True), stage="scale"))
+    per_size = json.loads((tmp_path / "sweep-hp" / "hp.json").read_text())["per_size"]
+    assert [p["batch_at_grid_edge"] for p in per_size] == [False, True]
+    assert [p["lr_at_grid_edge"] for p in per_size] == [False, False]
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert lines[f"{per_size[1]['N']:,}"].endswith("(the best batch at the edge of hp.batch_tokens: widen it)")
+    assert "edge" not in lines[f"{per_size[0]['N']:,}"]
 
 
 def test_scale_hp_without_a_grid_exits_2(tmp_path, tokenizer_dir, corpus):  # noqa: F811

@@ -94,6 +94,39 @@ def test_a_fit_whose_loss_rises_with_N_warns_without_numpy_noise(tmp_path):
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
 
 
+# The bundled CPU grid trained with the rule `scale hp` fitted on it (benchmarks/RESULTS.md): the 80K and 316K models
+# end at the same losses, so the N term is a step between 20K and 80K: alpha runs to hundreds and A = e^(log A)
+# overflows, while the law reproduces the points (R^2 0.99).
+STEP_GRID_LOSSES = [5.6932, 5.3822, 5.103, 4.9879, 4.8043, 4.6836, 5.6305, 5.2949, 4.9547, 4.808, 4.5826, 4.4244, 5.5148, 5.2438, 4.9833, 4.8522, 4.6316, 4.4345]
+
+
+def test_a_fit_whose_loss_stops_falling_with_N_is_reported_degenerate_not_refused(tmp_path):
+    sizes, budgets = (20_640, 83_280, 315_952), (100e3, 160e3, 250e3, 320e3, 450e3, 640e3)
+    path = tmp_path / "step.csv"
+    path.write_text("N,D,loss\n" + "".join(f"{N},{D},{x}\n" for (N, D), x in
+                                           zip([(N, D) for N in sizes for D in budgets], STEP_GRID_LOSSES, strict=True)))
+    result = runner.invoke(app, ["scale", "fit", str(path), "--bootstrap", "10", "-o", str(tmp_path / "fit.json")])
+    assert result.exit_code == 0, result.output
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["constants"]["alpha"] > 5 and fit["r2"] > 0.98
+    # The law's predictions at the points, from its logs, are the losses within 2%.
+    assert max(abs(r["relative"]) for r in fit["residuals"]) < 0.02
+    assert "the loss stops falling with N past the smallest swept values" in fit["degenerate"]
+    assert "warning:     degenerate fit: alpha" in result.stdout and (tmp_path / "fit.png").stat().st_size > 0
+    refused = runner.invoke(app, ["scale", "recommend", "--flops", "1e13", "--fit", str(tmp_path / "fit.json")])
+    assert_clean_error(refused, "fit.json: a degenerate law (alpha", "stops falling with N")
+
+
+def test_predictions_of_a_law_whose_A_overflows_come_from_its_logs():
+    from llmkit.scaling.fit import _chinchilla_result, predict
+
+    law = _chinchilla_result(np.array([800.0, math.log(20.0), 0.0, 80.0, 0.1]), 0.0, 6, 1e-3)
+    assert law.A == math.inf
+    N, D = 2e4, 1e5
+    expected = 1.0 + math.exp(800.0 - 80.0 * math.log(N)) + 20.0 / D**0.1
+    assert predict(law, N, D) == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.fixture(scope="module")
 def good_fit(tmp_path_factory):
     d = tmp_path_factory.mktemp("good-fit")

@@ -413,6 +413,8 @@ class ChinchillaFit:
     G: float  # (alpha A / (beta B))^(1 / (alpha + beta))
     grid_starts_evaluated: int = 0
     lbfgs_starts: int = 0
+    log_A: float | None = None  # the fitted log A and log B (A, B alone overflow to inf for a runaway exponent)
+    log_B: float | None = None
 
 
 def _exp(log_value: float) -> float:
@@ -442,6 +444,8 @@ def _chinchilla_result(
         a=a,
         b=b,
         G=G,
+        log_A=log_A,
+        log_B=log_B,
         **counts,
     )
 
@@ -463,10 +467,14 @@ def fit_chinchilla(N: Any, D: Any, loss: Any, *, delta: float = 1e-3, top_k: int
 def predict(fit: ChinchillaFit, N: Any, D: Any) -> Any:
     """Predicted loss E + A/N^alpha + B/D^beta (a float for scalar N and D, else an array)."""
     N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
-    # A degenerate fit (alpha far below 0, A near 0) overflows away from its points: inf or nan is the honest answer,
-    # which callers check (held-out refits, plots), not a RuntimeWarning printed to the user.
-    with np.errstate(over="ignore", invalid="ignore"):
-        loss = fit.E + fit.A * N ** (-fit.alpha) + fit.B * D ** (-fit.beta)
+    # Each term in logs, from the fitted log A and log B: when the loss stops falling with N within the swept sizes
+    # the fit runs alpha into the hundreds and A = e^(log A) overflows, while A / N^alpha at the points is finite.
+    # Far from the points a degenerate law still overflows: inf is the honest answer there, which callers check
+    # (held-out refits, plots), not a RuntimeWarning printed to the user.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        log_A = fit.log_A if fit.log_A is not None else np.log(fit.A)
+        log_B = fit.log_B if fit.log_B is not None else np.log(fit.B)
+        loss = fit.E + np.exp(log_A - fit.alpha * np.log(N)) + np.exp(log_B - fit.beta * np.log(D))
     return float(loss) if np.ndim(loss) == 0 else loss
 
 

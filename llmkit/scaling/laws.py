@@ -52,6 +52,9 @@ LEVEL = 0.95
 BOOTSTRAP_TOP_K = 2  # L-BFGS starts per bootstrap refit: the best grid starts of a resample are as good as 16 (0.05 s vs 0.3 s)
 HOLDOUT_EVERY = 5
 DEGENERATE_EXPONENT = 1e-3  # an exponent at or below this makes its term a constant: the law cannot extrapolate
+# An exponent above this makes its term fall more than 30x per doubling: a step inside the swept range (the loss stops
+# improving with N or D past the smallest values), not a power law to extrapolate. Published fits lie at 0.07-0.8.
+STEEP_EXPONENT = 5.0
 
 
 def chinchilla(constants: dict[str, float], n_points: int = 0) -> ChinchillaFit:
@@ -106,15 +109,30 @@ def bootstrap_draws(x: list[np.ndarray], loss: np.ndarray, *, n_boot: int, seed:
 
 
 def degenerate(constants: dict[str, float]) -> str | None:
-    """Why a fitted law cannot be used to extrapolate (an exponent at or below DEGENERATE_EXPONENT), or None."""
-    flat = [name for name in ("alpha", "beta") if name in constants and not float(constants[name]) > DEGENERATE_EXPONENT]
-    if not flat:
-        return None
-    return (
-        f"{' and '.join(flat)} = {', '.join(f'{float(constants[n]):.3g}' for n in flat)}: the loss does not fall with "
-        f"{' or '.join('N' if n == 'alpha' else 'D' for n in flat)} in this fit, so it says nothing about larger runs; "
-        "vary that quantity more widely (or train the points longer)"
-    )
+    """Why a fitted law cannot be used to extrapolate (an exponent at or below DEGENERATE_EXPONENT, or above
+    STEEP_EXPONENT), or None."""
+    names = [name for name in ("alpha", "beta") if name in constants]
+    flat = [name for name in names if not float(constants[name]) > DEGENERATE_EXPONENT]
+    steep = [name for name in names if float(constants[name]) > STEEP_EXPONENT]
+
+    def quantities(which: list[str]) -> str:
+        return " or ".join("N" if n == "alpha" else "D" for n in which)
+
+    def values(which: list[str]) -> str:
+        return f"{' and '.join(which)} = {', '.join(f'{float(constants[n]):.3g}' for n in which)}"
+
+    if flat:
+        return (
+            f"{values(flat)}: the loss does not fall with {quantities(flat)} in this fit, so it says nothing about larger "
+            "runs; vary that quantity more widely (or train the points longer)"
+        )
+    if steep:
+        return (
+            f"{values(steep)}: the loss stops falling with {quantities(steep)} past the smallest swept values (a step, "
+            f"not a power law), so the fit says nothing about larger runs; check the larger points' training (lr, batch) "
+            "or vary that quantity more widely"
+        )
+    return None
 
 
 def holdout_every(n: int, min_train: int) -> int | None:
@@ -396,6 +414,8 @@ def load_law(path: Path | None) -> Law:
             f"--fit {file}: holds {data.get('law', 'a one-variable law')}, which cannot split compute between N and D; "
             "sweep several sizes and token budgets to fit L(N, D)"
         )
+    if isinstance(data.get("degenerate"), str):  # its constants may hold an overflowed A or B (null in the JSON)
+        raise LlmkitError(f"--fit {file}: a degenerate law ({data['degenerate']}); it cannot recommend a size")
     constants = {name: _number(data, ("constants", name), file) for name in LAW_NAMES}
     flat = degenerate(constants)
     if flat:

@@ -84,6 +84,8 @@ def plot_fit(report: dict[str, Any], points: Points, rows: list[dict[str, Any]],
 
 def _two_variable_figure(plt, report, points: Points, rows):
     law = laws.chinchilla(report["constants"])
+    # A degenerate law (an exponent at 0, or a step: A overflowed to inf) has no curve worth drawing: the points only.
+    curves = not report.get("degenerate")
     N, D, loss = points.N_params, points.D_tokens, points.loss
     C = 6.0 * N * D
     convention = report.get("param_convention") or "as in the points file"
@@ -100,8 +102,9 @@ def _two_variable_figure(plt, report, points: Points, rows):
         low, high = float(N[g].min()), float(N[g].max())
         label = f"N {_si(n)}" if low == high else f"N {_si(low)}-{_si(high)}"
         ax_c.scatter(C[g], loss[g], color=c, s=28 if len(N) <= 200 else 4, zorder=3, label=label)
-        ax_c.plot(grid_c, predict(law, n, grid_c / (6 * n)), color=c, linewidth=1, alpha=0.7)
-    if law.alpha > 0 and law.beta > 0:
+        if curves:
+            ax_c.plot(grid_c, predict(law, n, grid_c / (6 * n)), color=c, linewidth=1, alpha=0.7)
+    if curves and law.alpha > 0 and law.beta > 0:
         best = compute_optimal(law, grid_c)
         ax_c.plot(grid_c, best.loss, color="black", linewidth=2.2, label="compute-optimal frontier")
     ax_c.set(xscale="log", xlabel="compute C = 6 N D (FLOPs)", ylabel="validation loss (nats/token)",
@@ -112,21 +115,22 @@ def _two_variable_figure(plt, report, points: Points, rows):
     budgets = sorted({float(v) for v in labels if v})
     if not budgets or len(budgets) > MAX_SERIES:
         budgets = list(np.geomspace(C.min(), C.max(), 3))
-    optima = [compute_optimal(law, b).N_params for b in budgets] if law.alpha > 0 and law.beta > 0 else []
+    optima = [compute_optimal(law, b).N_params for b in budgets] if curves and law.alpha > 0 and law.beta > 0 else []
     low_n = min([N.min() / 4, *(n / 3 for n in optima if math.isfinite(n))])
     high_n = max([N.max() * 4, *(n * 3 for n in optima if math.isfinite(n))])
     grid_n = np.geomspace(low_n, high_n, 300)
     for k, budget in enumerate(budgets):
         c = plt.get_cmap("plasma")(k / max(1, len(budgets) - 1) * 0.85)
-        ax_iso.plot(grid_n, predict(law, grid_n, budget / (6 * grid_n)), color=c, linewidth=1.4, label=f"C {budget:.2g}")
+        if curves:
+            ax_iso.plot(grid_n, predict(law, grid_n, budget / (6 * grid_n)), color=c, linewidth=1.4, label=f"C {budget:.2g}")
         mine = [i for i, v in enumerate(labels) if v and math.isclose(float(v), budget)]
         if mine:
             ax_iso.scatter(N[mine], loss[mine], color=c, s=28, zorder=3)
-        if law.alpha > 0 and law.beta > 0:
+        if optima:
             best = compute_optimal(law, budget)
             ax_iso.scatter([best.N_params], [best.loss], marker="*", s=160, color=c, edgecolor="black", zorder=4)
     ax_iso.set(xscale="log", xlabel=f"N ({convention} parameters)", ylabel="loss (nats/token)",
-               title="IsoFLOP curves of the fit (star: optimum N*)")
+               title="IsoFLOP curves of the fit (star: optimum N*)" if curves else "IsoFLOP curves: none (degenerate fit)")
 
     # 3. Loss against N for each token budget, with the fitted L(N, D).
     grid_n = np.geomspace(N.min() / 4, N.max() * 4, 200)
@@ -142,10 +146,12 @@ def _two_variable_figure(plt, report, points: Points, rows):
             shown.append(float(np.exp(np.log(D[g]).mean())))
     for k, d in enumerate(shown):
         c = plt.get_cmap("cividis")(k / max(1, len(shown) - 1))
-        ax_n.plot(grid_n, predict(law, grid_n, d), color=c, linewidth=1.2, label=f"D {_si(d)} tokens")
-    ax_n.axhline(law.E, color="0.6", linestyle=":", linewidth=1, label=f"E = {law.E:.3g}")
+        if curves:
+            ax_n.plot(grid_n, predict(law, grid_n, d), color=c, linewidth=1.2, label=f"D {_si(d)} tokens")
+    if curves:
+        ax_n.axhline(law.E, color="0.6", linestyle=":", linewidth=1, label=f"E = {law.E:.3g}")
     ax_n.set(xscale="log", xlabel=f"N ({convention} parameters)", ylabel="loss (nats/token)",
-             title=f"loss vs N per token budget (R^2 {report['r2']:.3f})")
+             title=f"loss vs N per token budget (R^2 {report['r2']:.3f})" if curves else "loss vs N (degenerate fit: no curves)")
     # A law extrapolated beyond the points can shoot off; keep the view on the measured losses.
     span = max(float(loss.max() - loss.min()), 1e-3)
     star_losses = [compute_optimal(law, b).loss for b in budgets] if optima else []
@@ -155,7 +161,8 @@ def _two_variable_figure(plt, report, points: Points, rows):
             low = min(low, min(star_losses) - 0.15 * span)  # keep every optimum in view
         ax.set_ylim(low, float(loss.max()) + 0.6 * span)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a degenerate fit's IsoFLOP panel may hold no labelled series
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -119,6 +119,7 @@ class HpFit:
     convention: str
     optimizer: str
     path: str
+    fitted_sizes: tuple[float, ...] = ()  # the hp grid's sizes the rule was fitted at (N in `convention`)
 
     def lr(self, N: float) -> float:
         """The fitted learning rate at size N."""
@@ -145,8 +146,23 @@ def load_hp(path: Path, key: str = "hp_fit") -> HpFit:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RecipeError(f"{key}: {path} is not an hp.json of `llmkit scale hp` (rule.{name} is {value!r}); rerun it")
         values[name] = float(value)
+    per_size = data.get("per_size") if isinstance(data.get("per_size"), list) else []
+    sizes = tuple(sorted(float(p["N"]) for p in per_size if isinstance(p, dict) and isinstance(p.get("N"), (int, float))))
     return HpFit(**values, convention=str(rule.get("convention", "non_embedding")), optimizer=str(rule.get("optimizer", "adamw")),
-                 path=str(path))
+                 path=str(path), fitted_sizes=sizes)
+
+
+def extrapolation_note(hp: HpFit, sizes: list[int]) -> str | None:
+    """A note when the sweep's sizes reach beyond the sizes the fitted rule was measured at (a power law extrapolated)."""
+    if not hp.fitted_sizes:
+        return None
+    low, high = hp.fitted_sizes[0], hp.fitted_sizes[-1]
+    outside = [N for N in sizes if N < low / 1.05 or N > high * 1.05]
+    if not outside:
+        return None
+    reach = max(max(outside) / high, low / min(outside))
+    return (f"hp_fit: the fitted rule was measured at N = {low:,.0f} .. {high:,.0f} ({hp.convention}); points of N = "
+            f"{', '.join(f'{N:,}' for N in sorted(set(outside)))} extrapolate it up to {reach:.1f}x beyond (add those sizes to hp.sizes)")
 
 
 def lr_for(rule: str, p: PointInputs, hp: HpFit | None = None) -> float:
@@ -260,7 +276,11 @@ def fit_hp(records: list[dict[str, Any]], convention: str, optimizer: str) -> di
         lr = _vertex([r["lr"] for r in at_batch], [r["loss"] for r in at_batch])
         batch = _vertex([r["tokens_per_step"] for r in at_lr], [r["loss"] for r in at_lr])
         edge = best["lr"] in (min(r["lr"] for r in at_batch), max(r["lr"] for r in at_batch))
-        per_size.append({"N": N, "lr": lr, "batch_tokens": batch, "loss": best["loss"], "lr_at_grid_edge": edge})
+        # A best batch at the end of hp.batch_tokens only bounds the optimum, as a best lr at the end of hp.lrs does.
+        batches = {r["tokens_per_step"] for r in at_lr}
+        batch_edge = len(batches) > 1 and best["tokens_per_step"] in (min(batches), max(batches))
+        per_size.append({"N": N, "lr": lr, "batch_tokens": batch, "loss": best["loss"], "lr_at_grid_edge": edge,
+                         "batch_at_grid_edge": batch_edge})
     log_N = np.log([p["N"] for p in per_size])
     lr_exp, lr_log_coef = np.polyfit(log_N, np.log([p["lr"] for p in per_size]), 1)
     batch_exp, batch_log_coef = np.polyfit(log_N, np.log([p["batch_tokens"] for p in per_size]), 1)

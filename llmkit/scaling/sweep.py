@@ -12,9 +12,9 @@ How a point's recipe is made from the sweep recipe (llmkit/recipes.py `ScaleReci
 3. train.max_tokens = the point's tokens (max_steps dropped); warmup the same fraction of the steps as
    in the base; validation only at the end (eval_every = the point's steps: the fit uses the final
    loss); output_dir = SWEEP/points/NAME;
-4. the learning rate by `lr_rule`: constant (the base's train.lr), or inverse_sqrt:
-   lr = base lr x (N_base / N)^0.5, N_base the base model's size in the same convention (min_lr alike).
-   The batch is the base's for every point.
+4. the learning rate, batch and warmup by `lr_rule`, `batch_rule` and `warmup_rule` (llmkit/scaling/rules.py:
+   the base's, inverse_sqrt, the published laws, or the user's own rule fitted by `llmkit scale hp`), min_lr
+   scaled with the lr; with `branch: true` one stable phase per size and a WSD cooldown per budget.
 
 IsoFLOP grids (`grid.flops`): for each budget C the sizes are `sizes_per_budget` values log-spaced
 from N_opt / size_spread to N_opt x size_spread around the law's optimum N_opt(C) (Epoch AI's
@@ -310,6 +310,9 @@ def plan(recipe: ScaleRecipe, vocab_size: int | None) -> Plan:
             "train": base.train.model_copy(update=train),
         })
         points.append(Point(name, target, budget, point_recipe, sized, tokens, steps, per_token))
+    if hp is not None and "fitted" in (recipe.lr_rule, recipe.batch_rule):
+        note = rules.extrapolation_note(hp, [p.N for p in points])
+        notes += [note] if note else []
     trunks: dict[str, PretrainRecipe] = {}
     if recipe.branch:
         trunks = _branch(recipe, points, where)

@@ -379,7 +379,9 @@ def hp(recipe: ScaleRecipe, overwrite: bool = False) -> str:
     rule = result["rule"]
     lines = [f"{'N':>10} {'best lr':>9} {'best batch':>10} {'loss':>8}"]
     for p in result["per_size"]:
-        edge = "  (the best lr is at the edge of hp.lrs: widen it)" if p["lr_at_grid_edge"] else ""
+        ends = [name for name, key in (("lr", "lr_at_grid_edge"), ("batch", "batch_at_grid_edge")) if p.get(key)]
+        grids = " and ".join({"lr": "hp.lrs", "batch": "hp.batch_tokens"}[e] for e in ends)
+        edge = f"  (the best {' and '.join(ends)} at the edge of {grids}: widen it)" if ends else ""
         lines.append(f"{p['N']:>10,} {p['lr']:>9.3g} {p['batch_tokens']:>10,.0f} {p['loss']:>8.4f}{edge}")
     lines += [
         f"rule:    {'muon_lr' if muon else 'lr'} = {rule['lr_coef']:.4g} N^{rule['lr_exp']:.3f}, batch = {rule['batch_coef']:.4g} "
