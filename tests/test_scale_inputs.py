@@ -187,7 +187,7 @@ def _true_accuracy(loss):
 
 def _points_with_accuracy(tmp_path, with_dirs: bool = False):
     rng = np.random.default_rng(1)
-    rows = ["name,N,D,loss,choice_acc,run_dir"]
+    rows = ["name,N,D,loss,choice_acc,choice_acc_stderr,run_dir"]
     for i, N in enumerate((1e6, 3e6, 1e7, 3e7, 1e8)):
         for j, D in enumerate((2e7, 6e7, 2e8, 6e8)):
             loss = LAW["E"] + LAW["A"] / N ** LAW["alpha"] + LAW["B"] / D ** LAW["beta"]
@@ -195,8 +195,9 @@ def _points_with_accuracy(tmp_path, with_dirs: bool = False):
             run_dir = tmp_path / "points" / f"p{i}{j}"
             if with_dirs:
                 (run_dir / "eval-task").mkdir(parents=True)
-                (run_dir / "eval-task" / "metrics.json").write_text(json.dumps({"metrics": {"acc": acc, "acc_norm": acc}}))
-            rows.append(f"p{i}{j},{N},{D},{loss},{acc},{run_dir}")
+                scores = {"acc": acc, "acc_stderr": 0.05 + 0.002 * j, "acc_norm": acc}
+                (run_dir / "eval-task" / "metrics.json").write_text(json.dumps({"metrics": scores}))
+            rows.append(f"p{i}{j},{N},{D},{loss},{acc},0.04,{run_dir}")
     path = tmp_path / "points.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -225,6 +226,10 @@ def test_fit_of_accuracy_from_loss_and_the_accuracy_recommend_predicts(tmp_path,
 
     value, low, high = (float(v) for v in re.match(r"accuracy:\s+([\d.]+) \[([\d.]+), ([\d.]+)\]", line).groups())
     assert value == pytest.approx(expected, abs=0.02) and low <= value <= high and f"on {source}" in line
+    # The scores' own sampling error (median over the points) is recorded and named beside the interval.
+    stderr = 0.04 if source == "choice_acc" else 0.053  # median of 0.050, 0.052, 0.054, 0.056 over the budgets
+    assert down["score_stderr"] == pytest.approx(stderr)
+    assert f"score +/- {stderr:.3f}, one standard error" in rec.stdout and "is not in it" in rec.stdout
 
 
 def test_fit_of_accuracy_without_the_scores_names_the_command_to_run(tmp_path):
@@ -286,6 +291,8 @@ def test_scale_eval_scores_every_point_as_llmkit_eval_does_and_skips_them_on_a_r
     result = runner.invoke(app, ["scale", "eval", str(sweep), *SCORE])
     assert result.exit_code == 0, result.output
     assert "next:    llmkit scale fit" in result.stdout and "--accuracy eval-choice-tiny" in result.stdout
+    # stdout is the table (one row per point); each point's `llmkit eval` report is progress, on stderr.
+    assert result.stdout.splitlines()[0].split()[:4] == ["point", "N", "D", "loss"] and "acc_stderr" in result.stderr
     direct = tmp_path / "direct"
     alone = runner.invoke(app, ["eval", *SCORE, "--set", f"model.path={sweep / 'points' / 'p1'}", "--set", f"output_dir={direct}"])
     assert alone.exit_code == 0, alone.output

@@ -465,7 +465,11 @@ def _downstream_of(data: dict[str, Any], file: Path) -> dict[str, Any] | None:
         draws = np.asarray((down.get("bootstrap") or {}).get("draws") or [], dtype=float).reshape(-1, 4)
     except (TypeError, ValueError, AttributeError):
         raise LlmkitError(f"--fit {file}: not a fit.json of `llmkit scale fit` (downstream draws are not numbers); rerun the fit") from None
-    return {"constants": constants, "draws": draws.tolist(), "task": down.get("task"), "metric": down.get("metric")}
+    stderr = down.get("score_stderr")
+    if stderr is not None:
+        stderr = _number(data, ("downstream", "score_stderr"), file)
+    return {"constants": constants, "draws": draws.tolist(), "task": down.get("task"), "metric": down.get("metric"),
+            "score_stderr": stderr}
 
 
 def _data_of(data: dict[str, Any], file: Path) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -429,7 +430,8 @@ def score(sweep_dir: Path, recipe: EvalRecipe, overwrite: bool = False) -> str:
             metrics = json.loads(metrics_file.read_text(encoding="utf-8")).get("metrics", {})
         else:
             dist.log(f"scale eval: point {index}/{len(todo)} {row['name']}: {point_recipe.model.path}")
-            metrics = evaluate.run(point_recipe, overwrite=overwrite).get("metrics", {})
+            with contextlib.redirect_stdout(sys.stderr):  # `llmkit eval` prints each point's metrics: progress here
+                metrics = evaluate.run(point_recipe, overwrite=overwrite).get("metrics", {})
         results.append((row, metrics))
     if dist.rank() != 0:
         return ""
@@ -496,10 +498,13 @@ def fit(
     report["sweep"] = str(data) if data.is_dir() else None
     report["provenance"] = _provenance(data, Path(points.source), report["param_convention"])
     if accuracy is not None:
-        acc = _accuracies(rows, accuracy, accuracy_metric, Path(points.source), data if data.is_dir() else None)
+        acc, stderr = _accuracies(rows, accuracy, accuracy_metric, Path(points.source), data if data.is_dir() else None)
         report["downstream"] = {
             "task": accuracy, "metric": accuracy_metric if accuracy not in rows[0] else accuracy,
             **laws.fit_downstream(points.loss, acc, n_boot=n_boot, seed=seed, source=points.source),
+            # Every point is scored on the same examples: their sampling error moves all the scores together, so the
+            # bootstrap over points does not see it. Recorded (median over the points) so that recommend can say so.
+            "score_stderr": stderr,
         }
     target = Path(output) if output else (data / "fit.json" if data.is_dir() else data.with_name(f"{data.stem}.fit.json"))
     picture = target.with_suffix(".png")
@@ -521,19 +526,21 @@ def _point_dir(row: dict[str, Any], sweep_dir: Path | None) -> Path | None:
     return Path(row["run_dir"]) if row.get("run_dir") else None
 
 
-def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_file: Path, sweep_dir: Path | None) -> Any:
+def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_file: Path, sweep_dir: Path | None) -> tuple[Any, float | None]:
     """Each point's downstream accuracy: a column of the points file, a key of the point's last eval event (a task its
-    train.evals scored), or metric in RUN_DIR/SOURCE/metrics.json, written by `llmkit scale eval` over the points."""
-    values = []
+    train.evals scored), or metric in RUN_DIR/SOURCE/metrics.json, written by `llmkit scale eval` over the points; and
+    the median standard error of those scores (SOURCE_stderr / METRIC_stderr beside them), None where not every point
+    has one."""
+    values, stderrs = [], []
     for i, row in enumerate(rows):
         name = row.get("name") or f"row {i + 1}"
         run_dir = _point_dir(row, sweep_dir)
         logged = planning.last_eval(run_dir / "metrics.jsonl") if run_dir is not None else {}
         if source in row:
-            value = row[source]
+            value, stderr = row[source], row.get(f"{source}_stderr")
             where = f"{points_file}: {name}: column {source}"
         elif source in logged:
-            value = logged[source]  # a task the point's own train.evals scored at its last validation
+            value, stderr = logged[source], logged.get(f"{source}_stderr")  # a task the point's own train.evals scored
             where = f"{run_dir}/metrics.jsonl: last eval event: {source}"
         else:
             if run_dir is None:
@@ -544,7 +551,8 @@ def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_fil
             path = run_dir / source / "metrics.json"
             where = f"{path}: metrics.{metric}"
             try:
-                value = json.loads(path.read_text(encoding="utf-8")).get("metrics", {}).get(metric)
+                scores = json.loads(path.read_text(encoding="utf-8")).get("metrics", {})
+                value, stderr = scores.get(metric), scores.get(f"{metric}_stderr")
             except FileNotFoundError:
                 sweep = sweep_dir if sweep_dir is not None else "SWEEP"
                 raise LlmkitError(
@@ -560,7 +568,12 @@ def _accuracies(rows: list[dict[str, Any]], source: str, metric: str, points_fil
         if not (0.0 <= number <= 1.0):
             raise LlmkitError(f"--accuracy {source}: {where} is {number}, not an accuracy between 0 and 1")
         values.append(number)
-    return np.asarray(values)
+        try:
+            stderrs.append(float(stderr))
+        except (TypeError, ValueError):
+            stderrs.append(math.nan)
+    known = [e for e in stderrs if math.isfinite(e) and e >= 0]
+    return np.asarray(values), (float(np.median(known)) if len(known) == len(values) else None)
 
 
 def _provenance(data: Path, points_file: Path, param_convention: str | None) -> dict[str, Any]:
@@ -654,6 +667,7 @@ def fit_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"downstream:  {down['task']}: Acc(L) = {c['a']:.3g} / (1 + exp({-c['k']:.3g} (L - {c['L0']:.4g}))) + {c['b']:.3g}, "
             f"R^2 {_fmt(down['r2'], 3)}, RMSE {down['rmse']:.4f} on {len(down['points'])} points (Bhagia et al. 2024)"
+            + (f"; each score +/- {down['score_stderr']:.3f} (its standard error)" if down.get("score_stderr") is not None else "")
         )
     if report.get("degenerate"):
         lines.append(f"warning:     degenerate fit: {report['degenerate']}; `scale recommend` refuses it")
@@ -775,6 +789,11 @@ def recommend(
         value, interval = accuracy
         span = f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
         lines.append(f"accuracy:    {value:.3f}{span} predicted on {law.downstream['task']} ({law.downstream['metric']}) from that loss")
+        if law.downstream.get("score_stderr") is not None:
+            lines.append(
+                f"             the interval is the fit's over the sweep's points; the task's own sampling error (each point's "
+                f"score +/- {law.downstream['score_stderr']:.3f}, one standard error, on the same examples) is not in it"
+            )
     lines.append(f"model:       {sized.describe()}" + (f" ({shape_note})" if shape_note else ""))
     lines.append(f"compute:     of this model on D* tokens, by convention: {conventions.side_by_side(per_token, best.D)} FLOPs")
     # 3. Steps at the base's batch, wall time at the sweep's measured speed, extrapolation warning.
