@@ -196,7 +196,8 @@ NOT_RUN = {
     "--num_processes 2": "a two-process launch (tests/test_distributed.py runs those)",
     "llmkit quickstart": "tests/test_quickstart.py runs it (slow)",
     "eval/gsm8k": "reads GSM8K from data/gsm8k/, which its recipe header says how to download",
-    "llmkit scale fit runs/scale-cpu-tiny --accuracy eval-choice --accuracy-metric acc": "needs every sweep point scored by `llmkit eval` first (18 evals, the page says so); tests/test_scale.py checks fit --accuracy",
+    "llmkit scale hp scale/cpu-tiny": "27 training runs (about 5 minutes on 2 CPU cores); tests/test_scale_branch.py runs `scale hp` and the fitted rule",
+    "--set lr_rule=fitted --set batch_rule=fitted": "a second 18-point sweep on the rule `scale hp` fitted (4 minutes); tests/test_scale_branch.py plans it",
     "llmkit pretrain runs/optimal.yaml": "trains the recommended model for the steps `scale recommend` printed; tests/test_scale.py checks the written recipe (shape, budget)",
     "pretrain/llama-1b": "a 1.1B model: a multi-GPU run",
 }

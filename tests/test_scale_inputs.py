@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,7 +244,6 @@ def test_fit_of_accuracy_without_the_scores_names_the_command_to_run(tmp_path):
 def _as_moved_sweep(tmp_path, points_csv) -> Path:
     """The points as a sweep directory that was moved after it ran: sweep.jsonl's run_dir still names the old place."""
     import csv
-    import shutil
 
     sweep = tmp_path / "moved-sweep"
     sweep.mkdir()
@@ -272,7 +273,6 @@ def test_fit_of_accuracy_finds_the_scores_of_a_sweep_that_was_moved(tmp_path):
 
 def _model_sweep(tmp_path, model_dir, names=("p0", "p1")) -> Path:
     """A sweep directory whose points are copies of one tiny model, moved since it ran (stale run_dir)."""
-    import shutil
 
     sweep = tmp_path / "sweep"
     rows = []
@@ -315,7 +315,6 @@ def test_scale_eval_scores_every_point_as_llmkit_eval_does_and_skips_them_on_a_r
     ("other-eval", ["output_dir", "holds a different eval", "--overwrite"]),
 ])
 def test_scale_eval_bad_input_exits_2_before_scoring_any_point(tmp_path, tiny_model_dir, setup, fragments, monkeypatch):
-    import shutil
 
     from llmkit.stages import evaluate
 

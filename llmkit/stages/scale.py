@@ -33,11 +33,18 @@ import yaml
 from llmkit import __version__, dist, models, rundir
 from llmkit.data.lm import cache_key, lm_train_data
 from llmkit.errors import DataError, LlmkitError, RecipeError
-from llmkit.recipes import EvalRecipe, ScaleRecipe, load_recipe, recipe_from_dict, recipe_to_yaml, resolve_recipe_path
+from llmkit.recipes import (
+    EvalRecipe,
+    ScaleRecipe,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_yaml,
+    resolve_recipe_path,
+)
 from llmkit.scaling import conventions, laws, plots, rules, shapes
 from llmkit.scaling import sweep as planning
 from llmkit.scaling.fit import load_points, write_fit_json
-from llmkit.stages import pretrain
+from llmkit.stages import evaluate, pretrain
 
 DATA_FILE = "data.json"
 SWEEP_FILES = ("sweep.jsonl", "sweep.csv", "fit.json", "fit.png", DATA_FILE, "hp.json", "hp.jsonl")
@@ -402,8 +409,6 @@ def score(sweep_dir: Path, recipe: EvalRecipe, overwrite: bool = False) -> str:
     """`llmkit scale eval SWEEP RECIPE`: score every finished point with one eval recipe, each into POINT/NAME, NAME
     the last part of the recipe's output_dir (what `scale fit --accuracy NAME` reads); points already scored by the
     same recipe are skipped, so a sweep that grew is scored point by point as it grows."""
-    from llmkit.stages import evaluate  # torch and transformers: only when the command runs
-
     sweep_dir = Path(sweep_dir)
     points_file = sweep_dir / "sweep.jsonl"
     if not points_file.is_file():
