@@ -260,3 +260,23 @@ def test_validate_prints_the_hp_grid_and_refuses_a_bad_one(tmp_path, tokenizer_d
     short = {**HP_GRID, "tokens_per_param": 0.5}
     path.write_text(yaml.safe_dump(_sweep_dict(tmp_path, tokenizer_dir, corpus, BRANCH_GRID, hp=short, allow_repeat=True)))
     assert_clean_error(runner.invoke(app, ["validate", str(path)]), "hp: run", "step(s)", "hp.tokens_per_param")
+
+
+def test_a_rule_fitted_on_muon_sets_muon_lr_and_the_sweep_records_it(tmp_path, tokenizer_dir, corpus, monkeypatch):  # noqa: F811
+    from test_scale import FakeRun
+
+    hp_file = tmp_path / "hp.json"
+    hp_file.write_text(json.dumps({"rule": {"lr_coef": 0.5, "lr_exp": -0.5, "batch_coef": 4.0, "batch_exp": 0.5,
+                                            "convention": "non_embedding", "optimizer": "muon"}}))
+    data = _sweep_dict(tmp_path, tokenizer_dir, corpus, {"sizes": [4_000, 16_000], "tokens": [12_800, 19_200, 25_600]},
+                       lr_rule="fitted", hp_fit=str(hp_file))
+    data["overrides"]["train.optimizer"] = "muon"
+    recipe = recipe_from_dict(data, stage="scale")
+    base_lr = planning.base_recipe(recipe)[0].train.lr
+    monkeypatch.setattr(pretrain_stage, "run", FakeRun())
+    scale.sweep(recipe)
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for row in rows:  # the hidden matrices train at the rule's lr; AdamW's (embeddings, norms) stays the base's
+        assert row["muon_lr"] == pytest.approx(0.5 * row["N"] ** -0.5) and row["lr"] == base_lr
+    assert "muon_lr" in (tmp_path / "sweep" / "sweep.csv").read_text().splitlines()[0].split(",")

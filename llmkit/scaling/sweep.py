@@ -56,7 +56,7 @@ MIN_STEPS = 10
 RECORD_FIELDS = (
     "name", "N", "D", "C", "loss", "param_convention", "params_total", "params_non_embedding", "params_matmul",
     "target_params", "budget_flops", "layers", "hidden", "heads", "kv_heads", "intermediate", "steps",
-    "tokens_per_step", "lr", "warmup_steps", "epochs", "val_tokens", "flops_per_token", "C_6N", "C_6N_output", "C_6N_attention",
+    "tokens_per_step", "lr", "muon_lr", "warmup_steps", "epochs", "val_tokens", "flops_per_token", "C_6N", "C_6N_output", "C_6N_attention",
     "C_M", "trunk", "branch_step", "trained_tokens", "wall_s", "tokens_per_s", "resumed_from", "run_dir",
 )
 """The columns of sweep.jsonl and sweep.csv, in order (N, D, C, loss are what `llmkit scale fit` reads)."""
@@ -495,6 +495,8 @@ def make_record(point: Point, summary: dict[str, Any], wall_s: float, available_
         "target_params": point.target_params, "budget_flops": point.budget_flops, "layers": shape.layers,
         "hidden": shape.hidden, "heads": shape.heads, "kv_heads": shape.kv_heads, "intermediate": shape.intermediate,
         "steps": int(summary["step"]), "tokens_per_step": tokens_per_step(point.recipe), "lr": point.recipe.train.lr,
+        # With Muon, lr is AdamW's (embeddings, norms) and the hidden matrices train at muon_lr, which a fitted rule sets.
+        "muon_lr": point.recipe.train.muon_lr if point.recipe.train.optimizer == "muon" else None,
         "warmup_steps": point.recipe.train.warmup_steps,
         **{f"C_{name}": float(f"{point.per_token[name] * D:.6g}") for name in conventions.FLOP_CONVENTIONS},
         "trunk": point.trunk, "branch_step": point.branch_step,
