@@ -413,7 +413,7 @@ def test_every_computing_command_chooses_threads_the_same_way(monkeypatch):
     from llmkit.commands import COMMANDS
     from llmkit.training import hardware
 
-    assert {c.name for c in COMMANDS if c.computes} == {"pretrain", "finetune", "eval", "generate", "quickstart", "scale sweep", "scale hp"}
+    assert {c.name for c in COMMANDS if c.computes} == {"pretrain", "finetune", "eval", "generate", "quickstart", "scale sweep", "scale hp", "scale eval"}
     threads = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
