@@ -55,6 +55,7 @@ SIDES = ("llmkit-cached", "trl-precomputed", "llmkit-live", "trl-live")
 def build_tokenizer(out: Path, vocab: int) -> None:
     """A byte-level BPE on pydoc topics with bos/eos/pad, no BOS added on encoding (both sides encode alike)."""
     import pydoc_data.topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

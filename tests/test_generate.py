@@ -8,13 +8,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from pretrain_helpers import assert_clean_error
 from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.generation import decode_continuation, generate_texts
 from llmkit.models import load_model
 from llmkit.recipes import GenerationSpec
-from pretrain_helpers import assert_clean_error
 
 runner = CliRunner()
 PROMPTS = [

@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 from llmkit import models, prompts
-from llmkit.data import preference, sft
-from llmkit.data import sources
+from llmkit.data import preference, sft, sources
 from llmkit.data.lm import DocumentEncoder, check_lm_data, lm_train_data, open_cache, prepare_cache
 from llmkit.data.mixture import mixture_of
 from llmkit.data.packing import IGNORE_INDEX, PackedBlocks

@@ -27,8 +27,8 @@ from llmkit.data.batches import check_same_data
 from llmkit.data.splits import builtin_validation_warning
 from llmkit.errors import RecipeError
 from llmkit.evals.training import training_evals
-from llmkit.recipes import FinetuneRecipe
 from llmkit.metrics.preference import pair_logps
+from llmkit.recipes import FinetuneRecipe
 from llmkit.training import checkpoints
 from llmkit.training.hardware import resolve_mixed_precision
 from llmkit.training.loop import check_launch, fit

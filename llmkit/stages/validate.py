@@ -34,8 +34,8 @@ from llmkit.recipes import (
     recipe_to_yaml,
 )
 from llmkit.scaling.shapes import sized_recipe
-from llmkit.training.preference import plan_lines as preference_plan
 from llmkit.stages import scale
+from llmkit.training.preference import plan_lines as preference_plan
 
 
 def describe_plan(recipe: Recipe) -> str:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
