@@ -52,6 +52,14 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    """tokenizer_dir loaded with AutoTokenizer (one per test module)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A randomly initialised 2-layer llama (hidden 64) saved in HF format with the session tokenizer."""

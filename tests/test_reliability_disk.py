@@ -52,13 +52,6 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"), docs=24)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
 def cli(*args: str, **env: str):
     """Run the CLI in this process (one thread, no FLOPs probe); reset accelerate's state afterwards."""
     import torch

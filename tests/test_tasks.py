@@ -27,13 +27,6 @@ from llmkit.recipes import TaskSpec, recipe_from_dict
 from llmkit.stages.data import render_mask
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
 def recipe(task: dict, seq_len: int = 64, **data):
     return recipe_from_dict(
         {

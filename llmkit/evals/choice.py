@@ -67,6 +67,7 @@ def choice_window(task, path: str, config, where: str) -> Plan:
         )
     return Plan(path, where, limit)
 
+
 class MultipleChoiceEvaluator(Evaluator):
     """acc, acc_norm and acc_bytes of multiple-choice questions (MMLU-style subjects macro-averaged)."""
 

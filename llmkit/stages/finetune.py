@@ -49,8 +49,11 @@ def check(recipe: FinetuneRecipe) -> None:
         dist.log(warning)
 
 
-def check_resume_data(recipe: FinetuneRecipe, resume_from) -> None:
-    """Before tokenizing: a resume whose training records changed since its checkpoint is refused, naming the file."""
+def check_run_dir(recipe: FinetuneRecipe, overwrite: bool) -> None:
+    """The run directory, the launch against its checkpoint, and before tokenizing, a resume whose training
+    records changed since its checkpoint (refused, naming the file)."""
+    resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
+    check_launch(recipe, resume_from)
     if resume_from is not None:
         saved = checkpoints.read_trainer_state(resume_from).get("data_fingerprint")
         check_same_data(saved, sft.training_files(recipe), resume_from)
@@ -82,9 +85,7 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     # train.evals reads its records now; without data.test a task scores the run's validation records.
     extra_eval = training_evals(recipe.train.evals, tokenizer, run_task=recipe.task, validation=validation)
     models.training_config(recipe, tokenizer)
-    resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
-    check_launch(recipe, resume_from)
-    check_resume_data(recipe, resume_from)
+    check_run_dir(recipe, overwrite)
 
     # 2. Tokenize (cached) and report what did not fit.
     examples = sft.tokenize_splits(recipe, tokenizer, train, validation)
@@ -108,30 +109,11 @@ def _run(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
             file=sys.stderr,
         )
         packing = False
-    if recipe.lora.enabled:
-        model = models.apply_lora(model, recipe)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        print(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    model = _lora(recipe, model)
     data = sft.build_train_data(recipe, examples, tokenizer, packing)
 
     # 4. The shared loop: checkpoints, resume, signals, eval (+ task metric), final save.
-    save_final = None
-    if recipe.lora.enabled:
-
-        def save_final(model, tokenizer, output_dir) -> None:
-            """LoRA runs write the adapter (and, with lora.merge, the merged model)."""
-            models.save_lora(model, tokenizer, output_dir, merge=recipe.lora.merge)
-
-    return fit(
-        recipe,
-        model,
-        tokenizer,
-        data,
-        extra_eval=extra_eval,
-        save_final=save_final,
-        overwrite=overwrite,
-    )
+    return fit(recipe, model, tokenizer, data, extra_eval=extra_eval, save_final=_save_final(recipe), overwrite=overwrite)
 
 
 def _save_final(recipe: FinetuneRecipe):
@@ -198,9 +180,7 @@ def _run_preference(recipe: FinetuneRecipe, overwrite: bool) -> dict[str, Any]:
     # train.evals (benchmarks scored while training) works as for every fine-tune; pairs are not its validation records.
     extra_eval = training_evals(recipe.train.evals, tokenizer, run_task=recipe.task)
     models.training_config(recipe, tokenizer)
-    resume_from = rundir.check_run_dir(recipe, overwrite=overwrite)
-    check_launch(recipe, resume_from)
-    check_resume_data(recipe, resume_from)
+    check_run_dir(recipe, overwrite)
 
     # 2. Tokenize (cached) and report what did not fit.
     pairs = preference.tokenize_splits(recipe, tokenizer, train, validation)
